@@ -1,0 +1,301 @@
+"""ScaiEcho settings, read from the environment.
+
+Every setting has an embedded default that works on a bare machine (SQLite, the filesystem
+Celery broker, the in-memory channel layer, files on local disk). ``DATABASE_URL`` switches to
+PostgreSQL and ``REDIS_URL`` to Redis for the broker, cache and channel layer. Production mode
+(``SCAIECHO_ENV=production`` or ``DEBUG`` off) is guarded by the system checks in
+``scaiecho_site/checks.py``, which refuse to start without a secret key, explicit hosts and a
+real database.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+import dj_database_url
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def env_str(name: str, default: str = "") -> str:
+    return os.environ.get(name, default).strip()
+
+
+def env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    return raw.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    return int(raw) if raw not in (None, "") else default
+
+
+def env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    return float(raw) if raw not in (None, "") else default
+
+
+def env_list(name: str) -> list[str]:
+    return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
+
+
+def env_json(name: str, default: Any) -> Any:
+    raw = os.environ.get(name)
+    return json.loads(raw) if raw else default
+
+
+# --- Mode --------------------------------------------------------------------------------------
+SCAIECHO_ENV = env_str("SCAIECHO_ENV", "development")
+DEBUG = env_bool("DEBUG", default=SCAIECHO_ENV != "production")
+SCAIECHO_PRODUCTION = SCAIECHO_ENV == "production" or not DEBUG
+SCAIECHO_PHASE = env_str("SCAIECHO_PHASE", "ga")
+
+SCAIECHO_DATA_DIR = Path(env_str("SCAIECHO_DATA_DIR", str(BASE_DIR / "var")))
+
+# Without SECRET_KEY a development process gets a fixed development key; a production process
+# gets a throwaway one only so that the check scaiecho.E001 can report the problem.
+SCAIECHO_SECRET_KEY_FROM_ENV = bool(env_str("SECRET_KEY"))
+if SCAIECHO_SECRET_KEY_FROM_ENV:
+    SECRET_KEY = env_str("SECRET_KEY")
+elif SCAIECHO_PRODUCTION:
+    SECRET_KEY = secrets.token_urlsafe(50)
+else:
+    SECRET_KEY = "django-insecure-scaiecho-development-only"
+
+SCAIECHO_ALLOWED_HOSTS_FROM_ENV = bool(env_list("ALLOWED_HOSTS"))
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS") or (["*"] if not SCAIECHO_PRODUCTION else [])
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
+
+# --- Applications ------------------------------------------------------------------------------
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "whitenoise.runserver_nostatic",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "channels",
+    "scaiecho_site.apps.ScaiEchoSiteConfig",
+    "tenants",
+    "transcription",
+    "speakers",
+    "streaming",
+]
+
+MIDDLEWARE = [
+    "scaiecho_site.middleware.RequestIdMiddleware",
+    "scaiecho_site.middleware.EnvelopeFallbackMiddleware",
+    "scaiecho_site.middleware.BodySizeLimitMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "scaiecho_site.urls"
+ASGI_APPLICATION = "scaiecho_site.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database ----------------------------------------------------------------------------------
+DATABASE_URL = env_str("DATABASE_URL")
+if DATABASE_URL:
+    DATABASES = {
+        "default": dj_database_url.parse(
+            DATABASE_URL, conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 0), conn_health_checks=True
+        )
+    }
+else:
+    SCAIECHO_DATA_DIR.mkdir(parents=True, exist_ok=True)
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": SCAIECHO_DATA_DIR / "db.sqlite3",
+            # The web server and the worker share this file: wait for locks instead of failing.
+            "OPTIONS": {
+                "timeout": 30,
+                "transaction_mode": "IMMEDIATE",
+                "init_command": "PRAGMA journal_mode=WAL;",
+            },
+        }
+    }
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Redis: cache, broker, channel layer -------------------------------------------------------
+REDIS_URL = env_str("REDIS_URL")
+if REDIS_URL:
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": env_str("SCAIECHO_CACHE_PREFIX", "scaiecho"),
+        }
+    }
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL]},
+        }
+    }
+    CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", REDIS_URL)
+    CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, Any] = {
+        # Longer than the longest job, so an unacknowledged job is not redelivered while it runs.
+        "visibility_timeout": env_int("SCAIECHO_BROKER_VISIBILITY_TIMEOUT", 3600),
+    }
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", "filesystem://")
+    _broker_dir = SCAIECHO_DATA_DIR / "broker"
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": str(_broker_dir / "queue"),
+        "data_folder_out": str(_broker_dir / "queue"),
+        "processed_folder": str(_broker_dir / "processed"),
+        "store_processed": False,
+    }
+    if CELERY_BROKER_URL == "filesystem://":
+        for _folder in ("queue", "processed"):
+            (_broker_dir / _folder).mkdir(parents=True, exist_ok=True)
+
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+
+# --- Files -------------------------------------------------------------------------------------
+STATIC_URL = "static/"
+STATIC_ROOT = Path(env_str("SCAIECHO_STATIC_ROOT", str(SCAIECHO_DATA_DIR / "static")))
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # WhiteNoise serves from it once collected
+MEDIA_ROOT = Path(env_str("SCAIECHO_MEDIA_ROOT", str(SCAIECHO_DATA_DIR / "media")))
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {
+        "BACKEND": (
+            "whitenoise.storage.CompressedManifestStaticFilesStorage"
+            if SCAIECHO_PRODUCTION
+            else "django.contrib.staticfiles.storage.StaticFilesStorage"
+        )
+    },
+}
+
+# --- Internationalisation ----------------------------------------------------------------------
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+# --- Security in production --------------------------------------------------------------------
+if SCAIECHO_PRODUCTION:
+    SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", True)
+    CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", True)
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_CONTENT_TYPE_NOSNIFF = True
+
+# --- REST framework and the API description ----------------------------------------------------
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": ["tenants.authentication.ApiKeyAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": [],
+    "DEFAULT_THROTTLE_CLASSES": [],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": [
+        "rest_framework.parsers.JSONParser",
+        "rest_framework.parsers.MultiPartParser",
+        "rest_framework.parsers.FormParser",
+    ],
+    "EXCEPTION_HANDLER": "scaiecho_site.envelope.exception_handler",
+    "UNAUTHENTICATED_USER": None,
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "ScaiEcho API",
+    "DESCRIPTION": (
+        "Multi-tenant speech-to-text. Every product response is wrapped in the envelope "
+        '`{"status": "ok", "data": ..., "meta": {"request_id": ...}}`; errors carry '
+        '`{"status": "error", "error": {"code", "message", "details"?, "retry_after"?}}`.'
+    ),
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_AUTHENTICATION": [],
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
+}
+
+# --- ScaiEcho ----------------------------------------------------------------------------------
+# Rate limits: requests per sliding 60 s window.
+SCAIECHO_RATELIMIT_WINDOW_SECONDS = env_int("SCAIECHO_RATELIMIT_WINDOW_SECONDS", 60)
+SCAIECHO_RATELIMIT_PER_KEY = env_int("SCAIECHO_RATELIMIT_PER_KEY", 60)
+SCAIECHO_RATELIMIT_PER_USER = env_int("SCAIECHO_RATELIMIT_PER_USER", 120)
+SCAIECHO_RATELIMIT_PER_TENANT = env_int("SCAIECHO_RATELIMIT_PER_TENANT", 1000)
+
+# API keys record their last use at most this often, so a busy key does not write every request.
+SCAIECHO_KEY_LAST_USED_INTERVAL_SECONDS = env_int("SCAIECHO_KEY_LAST_USED_INTERVAL_SECONDS", 60)
+
+# Tenant policy defaults by tier: {"tier": ["allowed_backends", "default_backend"]}.
+SCAIECHO_TIER_POLICY_DEFAULTS: dict[str, list[str]] = env_json(
+    "SCAIECHO_TIER_POLICY_DEFAULTS", {"default": ["AB", "B"]}
+)
+
+# How each backend's availability is decided; dotted paths to callables taking no argument.
+SCAIECHO_BACKEND_AVAILABILITY_CHECKS = {
+    "A": "transcription.selectors.whisper_workers_alive",
+    "B": "transcription.selectors.relay_configured",
+}
+# A speech worker counts as alive this long after its last heartbeat.
+SCAIECHO_WORKER_HEARTBEAT_TTL_SECONDS = env_int("SCAIECHO_WORKER_HEARTBEAT_TTL_SECONDS", 30)
+
+# Backend B, the managed relay: any OpenAI-compatible transcription endpoint.
+SCAIECHO_RELAY_BASE_URL = env_str("SCAIECHO_RELAY_BASE_URL")
+SCAIECHO_RELAY_API_KEY = env_str("SCAIECHO_RELAY_API_KEY")
+SCAIECHO_RELAY_MODEL = env_str("SCAIECHO_RELAY_MODEL", "whisper-1")
+SCAIECHO_RELAY_TIMEOUT_SECONDS = env_float("SCAIECHO_RELAY_TIMEOUT_SECONDS", 60.0)
+
+# Uploads: anything larger is refused with 413 before it is read.
+SCAIECHO_MAX_UPLOAD_BYTES = env_int("SCAIECHO_MAX_UPLOAD_BYTES", 100 * 1024 * 1024)
+SCAIECHO_ASYNC_AUDIO_THRESHOLD_BYTES = env_int("SCAIECHO_ASYNC_AUDIO_THRESHOLD_BYTES", 5 * 1024 * 1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
+FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
+
+# --- Logging -----------------------------------------------------------------------------------
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+    "loggers": {"django.request": {"level": "ERROR"}},
+}

@@ -1,0 +1,79 @@
+"""Tenant policy endpoints: ``GET``, ``PATCH`` and ``PUT /v1/modules/scaiecho/tenant-policy``."""
+
+from __future__ import annotations
+
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from scaiecho_site.envelope import ok, to_application_error
+from scaiecho_site.schema import responses
+from tenants.models import PERM_ADMIN, AuditEvent, TenantPolicy
+from tenants.permissions import TenantApiView
+from tenants.services import audit_record, policy_get_or_provision, policy_update
+
+
+class TenantPolicyOutput(serializers.Serializer):
+    tenant_id = serializers.CharField(source="tenant.pk")
+    allowed_backends = serializers.CharField()
+    default_backend = serializers.CharField()
+    created_at = serializers.DateTimeField()
+    updated_at = serializers.DateTimeField()
+
+
+class TenantPolicyApi(TenantApiView):
+    required_permission = PERM_ADMIN
+    audit_action = "tenant_policy.access"
+
+    class PutInput(serializers.Serializer):
+        # Shape only; the contract's rules live in ``policy_validate``.
+        allowed_backends = serializers.CharField()
+        default_backend = serializers.CharField()
+
+    class PatchInput(PutInput):
+        allowed_backends = serializers.CharField(required=False)
+        default_backend = serializers.CharField(required=False)
+
+    def _render(self, request: Request, policy: TenantPolicy) -> Response:
+        return ok(request, TenantPolicyOutput(policy).data)
+
+    @extend_schema(operation_id="tenant_policy_get", responses=responses(200, "TenantPolicyEnvelope", TenantPolicyOutput()))
+    def get(self, request: Request) -> Response:
+        policy = policy_get_or_provision(tenant=self.tenant)
+        audit_record(ctx=self.actor(), action="tenant_policy.read", resource_type="tenant_policy", resource_id=str(self.tenant.pk))
+        return self._render(request, policy)
+
+    @extend_schema(
+        operation_id="tenant_policy_patch",
+        request=PatchInput,
+        responses=responses(200, "TenantPolicyPatchEnvelope", TenantPolicyOutput(), 422),
+    )
+    def patch(self, request: Request) -> Response:
+        return self._update(request, self.PatchInput)
+
+    @extend_schema(
+        operation_id="tenant_policy_put",
+        request=PutInput,
+        responses=responses(200, "TenantPolicyPutEnvelope", TenantPolicyOutput(), 422),
+    )
+    def put(self, request: Request) -> Response:
+        return self._update(request, self.PutInput)
+
+    def _update(self, request: Request, input_class: type[serializers.Serializer]) -> Response:
+        try:
+            serializer = input_class(data=request.data)
+            serializer.is_valid(raise_exception=True)
+            policy = policy_update(tenant=self.tenant, ctx=self.actor(), **serializer.validated_data)
+        except Exception as exc:
+            error = to_application_error(exc)
+            audit_record(
+                ctx=self.actor(),
+                action="tenant_policy.update",
+                outcome=AuditEvent.Outcome.FAILURE,
+                resource_type="tenant_policy",
+                resource_id=str(self.tenant.pk),
+                details={"code": error.code, "details": error.details},
+            )
+            raise
+        return self._render(request, policy)

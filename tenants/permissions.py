@@ -1,0 +1,61 @@
+"""The base API view: authentication, rate limits, module and permission checks, in that order.
+
+Every product endpoint subclasses :class:`TenantApiView` and names its ``required_permission``
+and ``audit_action``. A refused permission writes a FAILURE audit row here, explicitly, before
+the 403 leaves.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from rest_framework import exceptions
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from scaiecho_site import errors
+from tenants.context import ActorContext, actor_from_request
+from tenants.models import ApiKey, Tenant
+from tenants.ratelimit import api_limits, ratelimit_hit
+from tenants.selectors import membership_permissions
+from tenants.services import audit_permission_denied
+
+
+class TenantApiView(APIView):
+    required_permission: ClassVar[str]
+    audit_action: ClassVar[str]
+
+    def check_permissions(self, request: Request) -> None:
+        key: ApiKey | None = request.auth
+        if key is None:
+            raise exceptions.NotAuthenticated()
+        membership = key.membership
+        state = ratelimit_hit(
+            limits=api_limits(key_id=str(key.pk), user_id=str(membership.user_id), tenant_id=str(membership.tenant_id))
+        )
+        request._request.scaiecho_ratelimit_headers = state.headers()
+        if not state.allowed:
+            raise errors.RateLimited(
+                f"Rate limit of {state.limit} requests per minute reached.", retry_after=state.retry_after
+            )
+        tenant = membership.tenant
+        if not tenant.scaiecho_enabled:
+            audit_permission_denied(ctx=self.actor(request), action=self.audit_action, reason="module_not_enabled")
+            raise errors.ModuleNotEnabled()
+        if self.required_permission not in membership_permissions(membership=membership):
+            audit_permission_denied(ctx=self.actor(request), action=self.audit_action, reason="permission_denied")
+            raise errors.PermissionDenied(f"This call needs the permission {self.required_permission}.")
+
+    @property
+    def tenant(self) -> Tenant:
+        return self.request.auth.membership.tenant
+
+    def actor(self, request: Request | None = None) -> ActorContext:
+        return actor_from_request(request or self.request)
+
+    def finalize_response(self, request: Request, response: Response, *args: Any, **kwargs: Any) -> Response:
+        response = super().finalize_response(request, response, *args, **kwargs)
+        for name, value in getattr(request._request, "scaiecho_ratelimit_headers", {}).items():
+            response[name] = value
+        return response

@@ -1,0 +1,72 @@
+"""Factories for tenants, members and keys."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import factory
+from django.contrib.auth import get_user_model
+
+from tenants.context import system_actor
+from tenants.models import ApiKey, Membership, PermissionGrant, Role, Tenant
+from tenants.services import api_key_create
+
+
+class TenantFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Tenant
+
+    name = factory.Sequence(lambda n: f"Tenant {n}")
+    slug = factory.Sequence(lambda n: f"tenant-{n}")
+
+
+class UserFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = get_user_model()
+
+    username = factory.Sequence(lambda n: f"user{n}")
+
+
+class MembershipFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Membership
+
+    tenant = factory.SubFactory(TenantFactory)
+    user = factory.SubFactory(UserFactory)
+    role = Role.TENANT_VIEWER
+
+
+@dataclass
+class IssuedKey:
+    key: ApiKey
+    secret: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.secret}"}
+
+    @property
+    def tenant(self) -> Tenant:
+        return self.key.membership.tenant
+
+    @property
+    def membership(self) -> Membership:
+        return self.key.membership
+
+
+class KeyFactory:
+    @staticmethod
+    def issue(
+        *,
+        role: str = Role.TENANT_ADMIN,
+        tenant: Tenant | None = None,
+        membership: Membership | None = None,
+        grants: Iterable[str] = (),
+    ) -> IssuedKey:
+        if membership is None:
+            membership = MembershipFactory(role=role, **({"tenant": tenant} if tenant else {}))
+        for permission in grants:
+            PermissionGrant.objects.create(membership=membership, permission=permission)
+        key, secret = api_key_create(membership=membership, name="test", ctx=system_actor())
+        return IssuedKey(key=key, secret=secret)
