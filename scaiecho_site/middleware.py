@@ -7,7 +7,8 @@ import logging
 from collections.abc import Callable
 
 from django.conf import settings
-from django.http import HttpRequest, HttpResponse
+from django.core.exceptions import BadRequest, PermissionDenied, SuspiciousOperation
+from django.http import Http404, HttpRequest, HttpResponse
 
 from scaiecho_site import errors
 from scaiecho_site.envelope import REQUEST_ID_HEADER, error_json_response, request_id_from_header
@@ -16,6 +17,8 @@ logger = logging.getLogger("scaiecho.errors")
 
 # Paths that keep Django's HTML pages: the admin and static files are for people, not clients.
 _HTML_PREFIXES = ("/admin/", "/static/", "/captions/")
+
+_DJANGO_HANDLED = (Http404, PermissionDenied, SuspiciousOperation, BadRequest)
 
 _STATUS_ERRORS: dict[int, type[errors.ApplicationError]] = {
     400: errors.ValidationError,
@@ -61,8 +64,10 @@ class EnvelopeFallbackMiddleware:
         return enveloped
 
     def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
+        if isinstance(exception, _DJANGO_HANDLED):
+            return None  # Django answers these with a 4xx, which __call__ then envelopes
         if request.path.startswith(_HTML_PREFIXES) and settings.DEBUG:
-            return None
+            return None  # the developer's debug page
         if isinstance(exception, errors.ApplicationError):
             return error_json_response(request, exception)
         logger.error("unhandled exception request_id=%s", request.request_id, exc_info=exception)

@@ -199,6 +199,8 @@ STATIC_URL = "static/"
 STATIC_ROOT = Path(env_str("SCAIECHO_STATIC_ROOT", str(SCAIECHO_DATA_DIR / "static")))
 STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # WhiteNoise serves from it once collected
 MEDIA_ROOT = Path(env_str("SCAIECHO_MEDIA_ROOT", str(SCAIECHO_DATA_DIR / "media")))
+# Development serves static files straight from the apps; production serves what collectstatic wrote.
+WHITENOISE_USE_FINDERS = not SCAIECHO_PRODUCTION
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {

@@ -1,0 +1,46 @@
+"""``/healthz`` and ``/readyz`` as a load balancer sees them."""
+
+from __future__ import annotations
+
+import pytest
+
+from transcription.services import worker_heartbeat
+
+pytestmark = pytest.mark.django_db
+
+
+def test_readyz_ok_when_database_broker_redis_and_a_backend_answer(client, settings):
+    settings.SCAIECHO_PHASE = "beta-2"
+    worker_heartbeat(worker_id="w@readyz")
+    response = client.get("/readyz")
+    body = response.json()
+    assert response.status_code == 200, body
+    assert (body["status"], body["module"], body["phase"]) == ("ok", "scaiecho", "beta-2")
+    assert body["checks"] == {"database": "ok", "broker": "ok", "redis": "ok", "backends": "ok"}
+
+
+def test_readyz_degraded_without_any_backend(client, settings):
+    settings.SCAIECHO_RELAY_BASE_URL = ""
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == "degraded"
+    assert body["failing"] == ["backends"]
+
+
+def test_readyz_degraded_when_redis_is_down(client, settings):
+    settings.SCAIECHO_RELAY_BASE_URL = "http://127.0.0.1:9/oai/v1"
+    settings.SCAIECHO_RELAY_API_KEY = "k"
+    settings.CACHES = {
+        "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": "redis://127.0.0.1:1/0"}
+    }
+    settings.CELERY_BROKER_URL = "redis://127.0.0.1:1/0"
+    from scaiecho_site.celery import app
+
+    app.conf.broker_url = "redis://127.0.0.1:1/0"
+    try:
+        response = client.get("/readyz")
+    finally:
+        app.conf.broker_url = settings.REDIS_URL
+    assert response.status_code == 503
+    assert set(response.json()["failing"]) == {"redis", "broker"}

@@ -1,0 +1,132 @@
+"""Start-up as an operator sees it: production refuses bad settings; the embedded defaults run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+
+
+def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The environment of a fresh machine: no database, Redis or secret configured."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "REDIS_", "SCAIECHO_", "DJANGO_"))}
+    env.pop("SECRET_KEY", None)
+    env.pop("ALLOWED_HOSTS", None)
+    env.pop("DEBUG", None)
+    env["SCAIECHO_DATA_DIR"] = str(tmp_path / "var")
+    env.update(extra)
+    return env
+
+
+def run_check(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PYTHON, "manage.py", "check"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_production_refuses_to_start_without_secret_hosts_and_database(tmp_path):
+    result = run_check(clean_env(tmp_path, SCAIECHO_ENV="production"))
+    assert result.returncode != 0
+    for check_id in ("scaiecho.E001", "scaiecho.E002", "scaiecho.E003"):
+        assert check_id in result.stderr
+
+
+def test_debug_off_means_production(tmp_path):
+    result = run_check(clean_env(tmp_path, DEBUG="false", SECRET_KEY="x" * 50, ALLOWED_HOSTS="stt.example.com"))
+    assert result.returncode != 0
+    assert "scaiecho.E003" in result.stderr
+    assert "scaiecho.E001" not in result.stderr and "scaiecho.E002" not in result.stderr
+
+
+def test_wildcard_hosts_are_not_explicit(tmp_path):
+    result = run_check(clean_env(tmp_path, SCAIECHO_ENV="production", SECRET_KEY="x" * 50, ALLOWED_HOSTS="*"))
+    assert "scaiecho.E002" in result.stderr
+
+
+def test_production_with_everything_set_passes(tmp_path):
+    env = clean_env(
+        tmp_path,
+        SCAIECHO_ENV="production",
+        SECRET_KEY="a-long-random-production-secret-" * 2,
+        ALLOWED_HOSTS="stt.example.com",
+        DATABASE_URL=os.environ["DATABASE_URL"],
+    )
+    result = run_check(env)
+    assert result.returncode == 0, result.stderr
+    assert "scaiecho.E0" not in result.stderr
+
+
+def test_asgi_server_refuses_production_misconfiguration(tmp_path):
+    """daphne does not run Django's checks, so the ASGI module enforces them itself."""
+    result = subprocess.run(
+        [PYTHON, "-c", "import scaiecho_site.asgi"],
+        cwd=ROOT,
+        env=clean_env(tmp_path, SCAIECHO_ENV="production"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "scaiecho.E001" in result.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_embedded_defaults_serve_the_seed_request(tmp_path):
+    """No PostgreSQL, no Redis: SQLite and the in-process defaults answer the seed curl."""
+    env = clean_env(tmp_path)
+    subprocess.run([PYTHON, "manage.py", "migrate", "--noinput", "-v", "0"], cwd=ROOT, env=env, check=True, timeout=300)
+    admin = subprocess.run(
+        [PYTHON, "manage.py", "create_api_key", "--tenant", "acme", "--user", "alice", "--role", "tenant_admin"],
+        cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=120,
+    ).stdout.strip()
+    viewer = subprocess.run(
+        [PYTHON, "manage.py", "create_api_key", "--tenant", "acme", "--user", "victor", "--role", "tenant_viewer"],
+        cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=120,
+    ).stdout.strip()
+    assert (tmp_path / "var" / "db.sqlite3").exists()
+    port = free_port()
+    server = subprocess.Popen(
+        [PYTHON, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None, server.stdout.read()
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.3)
+        response = httpx.get(f"{base}/v1/modules/scaiecho/tenant-policy", headers={"Authorization": f"Bearer {admin}"})
+        body = response.json()
+        assert response.status_code == 200
+        assert body["status"] == "ok"
+        assert body["data"]["allowed_backends"] == "AB"
+        assert body["data"]["default_backend"] == "B"
+        assert body["meta"]["request_id"].startswith("req_")
+        denied = httpx.get(f"{base}/v1/modules/scaiecho/tenant-policy", headers={"Authorization": f"Bearer {viewer}"})
+        assert denied.status_code == 403
+        assert denied.json()["error"]["code"] == "AUTHZ_PERMISSION_DENIED"
+        assert server.poll() is None
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+    shutil.rmtree(tmp_path / "var", ignore_errors=True)
