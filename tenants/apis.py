@@ -1,4 +1,4 @@
-"""Tenant policy endpoints: ``GET``, ``PATCH`` and ``PUT /v1/modules/scaiecho/tenant-policy``."""
+"""Tenant administration endpoints: the backend policy and the tenant's API keys."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from scaiecho_site import errors
 from scaiecho_site.envelope import ok, to_application_error
 from scaiecho_site.schema import responses
 from tenants.models import PERM_ADMIN, AuditEvent, TenantPolicy
 from tenants.permissions import TenantApiView
-from tenants.services import audit_record, policy_get_or_provision, policy_update
+from tenants.selectors import api_key_of_tenant, api_keys_of_tenant
+from tenants.services import api_key_revoke, audit_record, policy_get_or_provision, policy_update
 
 
 class TenantPolicyOutput(serializers.Serializer):
@@ -77,3 +79,50 @@ class TenantPolicyApi(TenantApiView):
             )
             raise
         return self._render(request, policy)
+
+
+class ApiKeyOutput(serializers.Serializer):
+    id = serializers.CharField()
+    name = serializers.CharField()
+    user = serializers.CharField(source="membership.user.username")
+    role = serializers.CharField(source="membership.role")
+    last_four = serializers.CharField()
+    created_at = serializers.DateTimeField()
+    last_used_at = serializers.DateTimeField(allow_null=True)
+    revoked_at = serializers.DateTimeField(allow_null=True)
+
+
+class ApiKeyListApi(TenantApiView):
+    """The tenant's API keys, for its admins. Secrets and hashes are never returned."""
+
+    required_permission = PERM_ADMIN
+    audit_action = "api_key.list"
+
+    @extend_schema(operation_id="api_keys_list", responses=responses(200, "ApiKeyListEnvelope", ApiKeyOutput(many=True)))
+    def get(self, request: Request) -> Response:
+        keys = api_keys_of_tenant(tenant_id=self.tenant.pk)
+        audit_record(ctx=self.actor(), action="api_key.list", resource_type="api_key")
+        return ok(request, ApiKeyOutput(keys, many=True).data)
+
+
+class ApiKeyDetailApi(TenantApiView):
+    """Revoke one of the tenant's keys: ``DELETE /api-keys/{id}``. Takes effect on the next request."""
+
+    required_permission = PERM_ADMIN
+    audit_action = "api_key.revoke"
+
+    @extend_schema(operation_id="api_keys_revoke", responses=responses(200, "ApiKeyRevokeEnvelope", ApiKeyOutput(), 404))
+    def delete(self, request: Request, key_id: str) -> Response:
+        try:
+            key = api_key_of_tenant(tenant_id=self.tenant.pk, key_id=key_id)
+        except errors.NotFound:
+            audit_record(
+                ctx=self.actor(),
+                action="api_key.revoke",
+                outcome=AuditEvent.Outcome.FAILURE,
+                resource_type="api_key",
+                resource_id=key_id[:100],
+                details={"code": "NOT_FOUND"},
+            )
+            raise
+        return ok(request, ApiKeyOutput(api_key_revoke(key=key, ctx=self.actor())).data)

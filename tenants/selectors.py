@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import uuid
 
-from django.db.models import Q
+from django.db.models import Q, QuerySet
 
+from scaiecho_site import errors
 from tenants.models import ROLE_PERMISSIONS, ApiKey, Membership
 
 
@@ -40,3 +41,15 @@ def membership_permissions(*, membership: Membership) -> frozenset[str]:
     """The role's permissions plus the member's explicit grants."""
     granted = {grant.permission for grant in membership.grants.all()}
     return ROLE_PERMISSIONS.get(membership.role, frozenset()) | granted
+
+
+def api_keys_of_tenant(*, tenant_id: uuid.UUID) -> QuerySet[ApiKey]:
+    return ApiKey.objects.filter(membership__tenant_id=tenant_id).select_related("membership__user", "membership__tenant")
+
+
+def api_key_of_tenant(*, tenant_id: uuid.UUID, key_id: str) -> ApiKey:
+    """One key of the tenant; any other id, including another tenant's, is simply not found."""
+    try:
+        return api_keys_of_tenant(tenant_id=tenant_id).get(pk=uuid.UUID(key_id))
+    except (ValueError, ApiKey.DoesNotExist) as exc:
+        raise errors.NotFound("No API key with that id in this tenant.") from exc

@@ -12,7 +12,7 @@ from django.conf import settings
 from django.core.cache import cache
 from rest_framework.test import APIClient
 
-from tests.factories import KeyFactory, IssuedKey
+from tests.factories import IssuedKey, KeyFactory
 
 
 def _reachable(url: str, default_port: int) -> bool:
@@ -42,7 +42,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 @pytest.fixture(autouse=True)
 def _fresh_cache() -> Iterator[None]:
     cache.clear()
-    yield
+    return
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tenants.models import ALL_PERMISSIONS, AuditEvent, PERM_ADMIN, PERM_DIARIZE, PERM_ENROLL, PERM_TRANSCRIBE, Role
+from tenants.models import ALL_PERMISSIONS, PERM_ADMIN, PERM_DIARIZE, PERM_ENROLL, PERM_TRANSCRIBE, AuditEvent, Role
 from tenants.selectors import membership_permissions
 from tests.factories import MembershipFactory
 from tests.tenants.test_auth import POLICY_URL, assert_error

@@ -22,7 +22,8 @@ def test_first_get_provisions_tier_defaults(api, admin_key):
     assert data["allowed_backends"] == "AB"
     assert data["default_backend"] == "B"
     assert data["tenant_id"] == str(admin_key.tenant.pk)
-    assert data["created_at"].endswith("Z") and data["updated_at"].endswith("Z")
+    assert data["created_at"].endswith("Z")
+    assert data["updated_at"].endswith("Z")
     assert TenantPolicy.objects.filter(tenant=admin_key.tenant).count() == 1
 
 

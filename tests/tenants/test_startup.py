@@ -43,7 +43,8 @@ def test_debug_off_means_production(tmp_path):
     result = run_check(clean_env(tmp_path, DEBUG="false", SECRET_KEY="x" * 50, ALLOWED_HOSTS="stt.example.com"))
     assert result.returncode != 0
     assert "scaiecho.E003" in result.stderr
-    assert "scaiecho.E001" not in result.stderr and "scaiecho.E002" not in result.stderr
+    assert "scaiecho.E001" not in result.stderr
+    assert "scaiecho.E002" not in result.stderr
 
 
 def test_wildcard_hosts_are_not_explicit(tmp_path):
