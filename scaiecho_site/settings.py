@@ -180,10 +180,11 @@ else:
         "data_folder_in": str(_broker_dir / "queue"),
         "data_folder_out": str(_broker_dir / "queue"),
         "processed_folder": str(_broker_dir / "processed"),
+        "control_folder": str(_broker_dir / "control"),
         "store_processed": False,
     }
     if CELERY_BROKER_URL == "filesystem://":
-        for _folder in ("queue", "processed"):
+        for _folder in ("queue", "processed", "control"):
             (_broker_dir / _folder).mkdir(parents=True, exist_ok=True)
 
 CELERY_TASK_ACKS_LATE = True

@@ -131,3 +131,39 @@ def test_embedded_defaults_serve_the_seed_request(tmp_path):
         server.terminate()
         server.wait(timeout=20)
     shutil.rmtree(tmp_path / "var", ignore_errors=True)
+
+
+def test_celery_worker_refuses_production_misconfiguration(tmp_path):
+    result = subprocess.run(
+        [str(Path(PYTHON).parent / "celery"), "-A", "scaiecho_site", "worker", "--pool=solo"],
+        cwd=ROOT,
+        env=clean_env(tmp_path, SCAIECHO_ENV="production"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "scaiecho.E001" in result.stderr
+
+
+def test_redis_carries_cache_broker_and_channel_layer_across_processes(settings):
+    """With REDIS_URL set, a message another process puts on the channel layer arrives here."""
+    from asgiref.sync import async_to_sync
+    from channels.layers import get_channel_layer
+
+    from scaiecho_site.celery import app
+
+    assert settings.CACHES["default"]["BACKEND"].endswith("RedisCache")
+    assert app.conf.broker_url == settings.REDIS_URL
+    layer = get_channel_layer()
+    assert type(layer).__name__ == "RedisChannelLayer"
+    channel = async_to_sync(layer.new_channel)()
+    script = (
+        "import django; django.setup()\n"
+        "from asgiref.sync import async_to_sync\n"
+        "from channels.layers import get_channel_layer\n"
+        f"async_to_sync(get_channel_layer().send)({channel!r}, {{'type': 'probe', 'text': 'from another process'}})\n"
+    )
+    subprocess.run([PYTHON, "-c", script], cwd=ROOT, check=True, timeout=60, env={**os.environ, "DJANGO_SETTINGS_MODULE": "scaiecho_site.settings"})
+    message = async_to_sync(layer.receive)(channel)
+    assert message == {"type": "probe", "text": "from another process"}
