@@ -1,0 +1,118 @@
+"""Real test audio: speech synthesized by espeak-ng, format conversion, and word error rate.
+
+Synthesis is cached on disk by a hash of its arguments, so a test run pays for espeak-ng once per
+distinct utterance. Transcripts are compared by word error rate after Whisper's English
+normalizer, never as exact strings: a correct transcript may differ in punctuation or numerals.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import av
+from whisper.normalizers import EnglishTextNormalizer
+
+DEFAULT_SPEECH_CACHE = Path("~/.cache/scaiecho/test-speech")
+
+_normalize = EnglishTextNormalizer()
+
+
+def synth_speech(
+    text: str,
+    *,
+    voice: str = "en-us",
+    speed: int = 150,
+    pitch: int | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> bytes:
+    """Return WAV bytes (22.05 kHz mono s16) of espeak-ng saying ``text``."""
+    cache = Path(cache_dir if cache_dir is not None else DEFAULT_SPEECH_CACHE).expanduser()
+    args = ["-v", voice, "-s", str(speed)]
+    if pitch is not None:
+        args += ["-p", str(pitch)]
+    key = hashlib.sha256("\0".join([*args, text]).encode()).hexdigest()[:24]
+    path = cache / f"{key}.wav"
+    if path.is_file():
+        return path.read_bytes()
+    espeak = shutil.which("espeak-ng")
+    if espeak is None:
+        raise RuntimeError("espeak-ng is not installed: apt-get install -y espeak-ng")
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".wav", dir=cache)
+    os.close(fd)
+    try:
+        # "--" so a text starting with "-" is not read as an option.
+        subprocess.run([espeak, *args, "-w", tmp, "--", text], check=True, capture_output=True)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path.read_bytes()
+
+
+# format -> (PyAV muxer, encoder, sample rate or None to keep the source's)
+_ENCODERS = {
+    "wav": ("wav", "pcm_s16le", None),
+    "mp3": ("mp3", "libmp3lame", None),
+    "flac": ("flac", "flac", None),
+    "ogg": ("ogg", "libopus", 48_000),  # what browsers record; opus only runs at 48 kHz
+    "m4a": ("ipod", "aac", None),  # "ipod" is FFmpeg's muxer for .m4a
+}
+
+
+def convert_audio(wav_bytes: bytes, fmt: str) -> bytes:
+    """Re-encode ``wav_bytes`` as ``fmt`` (wav, mp3, flac, ogg, m4a) with PyAV's encoders.
+
+    PyAV rather than sox, because Debian's sox has no mp3 or AAC encoder.
+    """
+    muxer, codec, rate = _ENCODERS[fmt]
+    out = io.BytesIO()
+    with av.open(io.BytesIO(wav_bytes)) as src, av.open(out, "w", format=muxer) as dst:
+        in_stream = src.streams.audio[0]
+        stream = dst.add_stream(codec, rate=rate or in_stream.rate, layout="mono")
+        sample_format = stream.codec_context.codec.audio_formats[0].name
+        resampler = av.AudioResampler(format=sample_format, layout="mono", rate=stream.rate)
+        frames = [f for frame in src.decode(in_stream) for f in resampler.resample(frame)]
+        frames += resampler.resample(None)
+        for frame in [*frames, None]:
+            for packet in stream.encode(frame):
+                dst.mux(packet)
+    return out.getvalue()
+
+
+def silence_wav(*, seconds: float, rate: int = 16_000) -> bytes:
+    """WAV bytes of digital silence."""
+    out = io.BytesIO()
+    with av.open(out, "w", format="wav") as dst:
+        stream = dst.add_stream("pcm_s16le", rate=rate, layout="mono")
+        frame = av.AudioFrame(format="s16", layout="mono", samples=int(seconds * rate))
+        for plane in frame.planes:
+            plane.update(bytes(plane.buffer_size))
+        frame.rate = rate
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            dst.mux(packet)
+    return out.getvalue()
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """(substitutions + deletions + insertions) / reference words, after Whisper's normalizer."""
+    ref = _normalize(reference).split()
+    hyp = _normalize(hypothesis).split()
+    if not ref:
+        return 0.0 if not hyp else 1.0
+    previous = list(range(len(hyp) + 1))
+    for i, ref_word in enumerate(ref, start=1):
+        current = [i] + [0] * len(hyp)
+        for j, hyp_word in enumerate(hyp, start=1):
+            current[j] = min(
+                previous[j] + 1,  # deletion
+                current[j - 1] + 1,  # insertion
+                previous[j - 1] + (ref_word != hyp_word),  # substitution or match
+            )
+        previous = current
+    return previous[-1] / len(ref)

@@ -1,0 +1,1 @@
+"""Speech backends. ``whisper`` runs OpenAI's Whisper in-process; nothing here imports Django."""
