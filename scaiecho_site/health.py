@@ -34,7 +34,7 @@ def check_cache() -> None:
 def check_broker() -> None:
     from scaiecho_site.celery import app
 
-    with app.connection_for_write() as conn:
+    with app.connection_for_write(settings.CELERY_BROKER_URL) as conn:
         conn.ensure_connection(max_retries=1, timeout=2)
 
 

@@ -273,6 +273,9 @@ SCAIECHO_TIER_POLICY_DEFAULTS: dict[str, list[str]] = env_json(
     "SCAIECHO_TIER_POLICY_DEFAULTS", {"default": ["AB", "B"]}
 )
 
+# Metering: price per audio minute by backend, as decimal strings (a usage record's cost).
+SCAIECHO_PRICE_PER_AUDIO_MINUTE: dict[str, str] = env_json("SCAIECHO_PRICE_PER_AUDIO_MINUTE", {"A": "0", "B": "0.006"})
+
 # How each backend's availability is decided; dotted paths to callables taking no argument.
 SCAIECHO_BACKEND_AVAILABILITY_CHECKS = {
     "A": "transcription.selectors.whisper_workers_alive",
@@ -292,6 +295,43 @@ SCAIECHO_MAX_UPLOAD_BYTES = env_int("SCAIECHO_MAX_UPLOAD_BYTES", 100 * 1024 * 10
 SCAIECHO_ASYNC_AUDIO_THRESHOLD_BYTES = env_int("SCAIECHO_ASYNC_AUDIO_THRESHOLD_BYTES", 5 * 1024 * 1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
+
+# --- Speech backends and jobs -----------------------------------------------------------------
+# Backend A: openai-whisper in worker processes. "base" and "tiny.en" load from the packaged
+# offline weights; other names (small, medium, large-v3, turbo) download where the internet is
+# reachable. Device "" picks CUDA when present (fp16), else the CPU with SCAIECHO_WHISPER_CPU_THREADS.
+SCAIECHO_WHISPER_MODEL = env_str("SCAIECHO_WHISPER_MODEL", "base")
+SCAIECHO_WHISPER_DEVICE = env_str("SCAIECHO_WHISPER_DEVICE")
+SCAIECHO_WHISPER_CPU_THREADS = env_int("SCAIECHO_WHISPER_CPU_THREADS", 1)
+SCAIECHO_WHISPER_PRELOAD = env_bool("SCAIECHO_WHISPER_PRELOAD", True)
+SCAIECHO_WHISPER_CACHE_DIR = env_str("SCAIECHO_WHISPER_CACHE_DIR", str(Path.home() / ".cache" / "scaiecho" / "whisper"))
+
+SCAIECHO_MAX_AUDIO_SECONDS = env_int("SCAIECHO_MAX_AUDIO_SECONDS", 3 * 3600)
+# How long an inline (synchronous) request waits for its job before answering BACKEND_TIMEOUT.
+SCAIECHO_SYNC_TIMEOUT_SECONDS = env_float("SCAIECHO_SYNC_TIMEOUT_SECONDS", 300.0)
+SCAIECHO_JOB_SOFT_TIME_LIMIT_SECONDS = env_int("SCAIECHO_JOB_SOFT_TIME_LIMIT_SECONDS", 3300)
+SCAIECHO_JOB_TIME_LIMIT_SECONDS = env_int("SCAIECHO_JOB_TIME_LIMIT_SECONDS", 3600)
+SCAIECHO_JOB_MAX_RETRIES = env_int("SCAIECHO_JOB_MAX_RETRIES", 3)
+SCAIECHO_JOB_RETRY_BACKOFF_SECONDS = env_int("SCAIECHO_JOB_RETRY_BACKOFF_SECONDS", 2)
+# A job is tried at most this many times in all (redeliveries after a worker died included).
+SCAIECHO_JOB_MAX_ATTEMPTS = env_int("SCAIECHO_JOB_MAX_ATTEMPTS", 5)
+
+# Object storage for staged uploads: local files under MEDIA_ROOT unless an S3 bucket is set.
+SCAIECHO_S3_BUCKET = env_str("SCAIECHO_S3_BUCKET")
+if SCAIECHO_S3_BUCKET:
+    STORAGES["default"] = {
+        "BACKEND": "storages.backends.s3.S3Storage",
+        "OPTIONS": {
+            "bucket_name": SCAIECHO_S3_BUCKET,
+            "endpoint_url": env_str("SCAIECHO_S3_ENDPOINT_URL") or None,
+            "region_name": env_str("SCAIECHO_S3_REGION") or None,
+            "access_key": env_str("SCAIECHO_S3_ACCESS_KEY_ID") or None,
+            "secret_key": env_str("SCAIECHO_S3_SECRET_ACCESS_KEY") or None,
+            "default_acl": None,
+            "file_overwrite": True,
+            "querystring_auth": True,
+        },
+    }
 
 # --- Logging -----------------------------------------------------------------------------------
 LOGGING = {

@@ -11,6 +11,8 @@ urlpatterns = [
     path("readyz", ReadyzApi.as_view(), name="readyz"),
     path("admin/", admin.site.urls),
     path(API_PREFIX, include("tenants.urls")),
+    path(API_PREFIX, include("transcription.urls")),
+    path("oai/v1/", include("transcription.oai_urls")),
     path(API_PREFIX + "openapi.json", SpectacularJSONAPIView.as_view(), name="openapi-schema"),
     path(API_PREFIX + "docs", SpectacularSwaggerView.as_view(url_name="openapi-schema"), name="api-docs"),
 ]

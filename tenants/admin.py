@@ -7,18 +7,40 @@ creation, and never stored or shown again.
 
 from __future__ import annotations
 
+import math
+from decimal import Decimal
 from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
+from django.db import transaction
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
+from django.urls import URLPattern, path
 
 from scaiecho_site import errors
 from tenants.context import actor_from_request
-from tenants.models import ApiKey, AuditEvent, Membership, PermissionGrant, Tenant, TenantPolicy
-from tenants.services import api_key_issue, api_key_revoke, audit_record, policy_validate
+from tenants.models import (
+    ApiKey,
+    AuditEvent,
+    Membership,
+    PermissionGrant,
+    Tenant,
+    TenantBudget,
+    TenantPolicy,
+    UsageRecord,
+)
+from tenants.selectors import BudgetUsage, UsageTotals, budget_usages, usage_summary
+from tenants.services import (
+    api_key_issue,
+    api_key_revoke,
+    audit_record,
+    budget_delete,
+    budget_save,
+    policy_validate,
+)
 
 
 class MembershipInline(admin.TabularInline):
@@ -161,3 +183,160 @@ class AuditEventAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: AuditEvent | None = None) -> bool:
         return False
+
+
+def format_money(amount: Decimal) -> str:
+    """A cost with at least two and at most six decimals: 0.36, 0.0001, 12.50."""
+    text = f"{amount.quantize(Decimal('0.000001')):f}".rstrip("0")
+    whole, _, fraction = text.partition(".")
+    return f"{whole}.{fraction.ljust(2, '0')}"
+
+
+def format_percent(ratio: float | None) -> str:
+    """Rounded down, so that a budget reads 100% only once it is used up."""
+    if ratio is None:
+        return ""
+    return f"{math.floor(ratio * 100)}%" if math.isfinite(ratio) else "over a zero limit"
+
+
+@admin.register(TenantBudget)
+class TenantBudgetAdmin(admin.ModelAdmin):
+    list_display = (
+        "tenant",
+        "period",
+        "limit_audio_seconds",
+        "limit_cost",
+        "hard_action",
+        "soft_limit_ratio",
+        "is_active",
+        "usage",
+    )
+    list_filter = ("tenant", "period", "hard_action", "is_active")
+    list_select_related = ("tenant",)
+    search_fields = ("tenant__slug", "tenant__name")
+    fields = ("tenant", "period", "limit_audio_seconds", "limit_cost", "hard_action", "soft_limit_ratio", "is_active")
+
+    def get_changelist_instance(self, request: HttpRequest) -> Any:
+        changelist = super().get_changelist_instance(request)
+        # One usage aggregate per (tenant, period) on the page rather than one per budget; kept on
+        # the page's own objects, since this admin instance is shared by concurrent requests.
+        for usage in budget_usages(budgets=list(changelist.result_list)):
+            usage.budget.period_usage = usage
+        return changelist
+
+    @admin.display(description="Used this period")
+    def usage(self, obj: TenantBudget) -> str:
+        usage: BudgetUsage = getattr(obj, "period_usage", None) or budget_usages(budgets=[obj])[0]
+        parts = []
+        if obj.limit_audio_seconds is not None:
+            parts.append(
+                f"{usage.audio_seconds_used:,.1f} / {obj.limit_audio_seconds:,} s ({format_percent(usage.audio_ratio)})"
+            )
+        if obj.limit_cost is not None:
+            parts.append(
+                f"{format_money(usage.cost_used)} / {format_money(obj.limit_cost)} ({format_percent(usage.cost_ratio)})"
+            )
+        return "; ".join(parts)
+
+    def save_model(self, request: HttpRequest, obj: TenantBudget, form: forms.ModelForm, change: bool) -> None:
+        budget_save(budget=obj, ctx=actor_from_request(request, tenant=obj.tenant))
+
+    def delete_model(self, request: HttpRequest, obj: TenantBudget) -> None:
+        budget_delete(budget=obj, ctx=actor_from_request(request, tenant=obj.tenant))
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[TenantBudget]) -> None:
+        with transaction.atomic():
+            for budget in queryset.select_related("tenant"):
+                budget_delete(budget=budget, ctx=actor_from_request(request, tenant=budget.tenant))
+
+
+@admin.register(UsageRecord)
+class UsageRecordAdmin(admin.ModelAdmin):
+    """Metered usage is evidence for billing: operators read it, nobody edits it here."""
+
+    list_display = (
+        "created_at",
+        "tenant",
+        "user",
+        "backend",
+        "kind",
+        "audio_seconds",
+        "latency_ms",
+        "cost",
+        "reference",
+    )
+    list_filter = ("tenant", "backend", "kind", "created_at")
+    list_select_related = ("tenant", "user")
+    search_fields = ("reference", "tenant__slug", "user__username")
+    date_hierarchy = "created_at"
+
+    @admin.display(description="Audio (s)", ordering="audio_duration_ms")
+    def audio_seconds(self, obj: UsageRecord) -> str:
+        return f"{obj.audio_duration_ms / 1000:,.1f}"
+
+    def get_readonly_fields(self, request: HttpRequest, obj: UsageRecord | None = None) -> list[str]:
+        return [field.name for field in self.model._meta.fields]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: UsageRecord | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: UsageRecord | None = None) -> bool:
+        return False
+
+    def get_urls(self) -> list[URLPattern]:
+        summary = path(
+            "summary/",
+            self.admin_site.admin_view(self.summary_view),
+            name=f"{self.opts.app_label}_{self.opts.model_name}_summary",
+        )
+        return [summary, *super().get_urls()]
+
+    def summary_view(self, request: HttpRequest) -> HttpResponse:
+        """Totals per tenant for today, this month (UTC) and all time, per backend."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        summaries = usage_summary()
+        grand = {name: UsageTotals() for name in ("today", "this_month", "all_time")}
+        for summary in summaries:
+            for name, totals in grand.items():
+                window = getattr(summary, name).total
+                totals.add(window.requests, window.audio_ms, window.cost)
+        rows = [
+            {
+                "tenant": summary.tenant,
+                "windows": [
+                    _window_cells(getattr(summary, name).total, getattr(summary, name).by_backend)
+                    for name in ("today", "this_month", "all_time")
+                ],
+            }
+            for summary in summaries
+        ]
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "title": "Usage summary",
+            "rows": rows,
+            "grand": [_window_cells(grand[name], {}) for name in ("today", "this_month", "all_time")],
+        }
+        return TemplateResponse(request, "admin/tenants/usagerecord/summary.html", context)
+
+
+def _window_cells(total: UsageTotals, by_backend: dict[str, UsageTotals]) -> dict[str, Any]:
+    return {
+        "requests": total.requests,
+        "audio_minutes": f"{total.audio_minutes:,.2f}",
+        "cost": format_money(total.cost),
+        "by_backend": [
+            {
+                "backend": backend,
+                "requests": totals.requests,
+                "audio_minutes": f"{totals.audio_minutes:,.2f}",
+                "cost": format_money(totals.cost),
+            }
+            for backend, totals in sorted(by_backend.items())
+            if totals.requests
+        ],
+    }

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import uuid
+from decimal import Decimal
 
 from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
+from django.utils import timezone
 
 # The contract's four permissions and the role defaults, exactly.
 PERM_TRANSCRIBE = "scaiecho:transcribe"
@@ -172,3 +175,102 @@ class AuditEvent(models.Model):
 
     def delete(self, *args: object, **kwargs: object) -> tuple[int, dict[str, int]]:
         raise TypeError("Audit rows are append-only.")
+
+
+class UsageKind(models.TextChoices):
+    BATCH = "batch", "Batch"
+    STREAM = "stream", "Stream"
+
+
+class UsageRecord(models.Model):
+    """One transcription's metered usage: a batch job or a stream session.
+
+    PROTECT on the tenant: a tenant with billed usage is not deleted by accident (switch its
+    module off instead). Users and keys may go; the record keeps the tenant and the numbers.
+    """
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="usage_records")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="scaiecho_usage"
+    )
+    api_key = models.ForeignKey(ApiKey, on_delete=models.SET_NULL, null=True, blank=True, related_name="usage_records")
+    backend = models.CharField(max_length=1, choices=Backend.choices)
+    kind = models.CharField(max_length=10, choices=UsageKind.choices)
+    audio_duration_ms = models.PositiveBigIntegerField()
+    latency_ms = models.PositiveIntegerField(default=0)
+    cost = models.DecimalField(max_digits=12, decimal_places=6)
+    reference = models.CharField(max_length=100, blank=True, help_text="The job id or stream session id.")
+    # A default rather than auto_now_add, so that imports and tests can place a record in time.
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["tenant", "created_at"], name="usage_tenant_created_idx")]
+        constraints = [
+            # One record per job or stream session, so a redelivered task cannot bill twice.
+            models.UniqueConstraint(
+                fields=["tenant", "kind", "reference"],
+                condition=~models.Q(reference=""),
+                name="uniq_usage_tenant_kind_reference",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tenant} {self.kind} {self.backend} {self.audio_duration_ms} ms"
+
+
+class BudgetPeriod(models.TextChoices):
+    DAILY = "daily", "Daily (UTC day)"
+    WEEKLY = "weekly", "Weekly (ISO week, from Monday UTC)"
+    MONTHLY = "monthly", "Monthly (calendar month, UTC)"
+    TOTAL = "total", "Total (all time)"
+
+
+class BudgetAction(models.TextChoices):
+    BLOCK = "block", "Block (429 BUDGET_EXCEEDED)"
+    NOTIFY = "notify", "Notify only"
+
+
+class TenantBudget(models.Model):
+    """A limit on a tenant's usage in a calendar period. All of a tenant's active budgets apply."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="budgets")
+    period = models.CharField(max_length=10, choices=BudgetPeriod.choices)
+    limit_audio_seconds = models.PositiveBigIntegerField(null=True, blank=True)
+    limit_cost = models.DecimalField(
+        max_digits=12, decimal_places=6, null=True, blank=True, validators=[MinValueValidator(Decimal("0"))]
+    )
+    hard_action = models.CharField(max_length=10, choices=BudgetAction.choices, default=BudgetAction.BLOCK)
+    soft_limit_ratio = models.DecimalField(
+        max_digits=3,
+        decimal_places=2,
+        default=Decimal("0.80"),
+        validators=[MinValueValidator(Decimal("0")), MaxValueValidator(Decimal("1"))],
+        help_text="A fraction of the limit; crossing it writes a budget.soft_limit audit row once per period.",
+    )
+    is_active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["tenant__slug", "period", "pk"]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(limit_audio_seconds__isnull=False) | models.Q(limit_cost__isnull=False),
+                name="budget_has_a_limit",
+                violation_error_message="Set a limit in audio seconds, a cost limit, or both.",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(soft_limit_ratio__gte=0, soft_limit_ratio__lte=1),
+                name="budget_soft_limit_ratio_0_1",
+                violation_error_message="The soft limit ratio must lie between 0 and 1.",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        limits = []
+        if self.limit_audio_seconds is not None:
+            limits.append(f"{self.limit_audio_seconds} s")
+        if self.limit_cost is not None:
+            limits.append(f"cost {self.limit_cost.normalize():f}")
+        return f"{self.tenant} {self.period} {' / '.join(limits)} ({self.hard_action})"

@@ -43,9 +43,13 @@ class TenantApiView(APIView):
         if not tenant.scaiecho_enabled:
             audit_permission_denied(ctx=self.actor(request), action=self.audit_action, reason="module_not_enabled")
             raise errors.ModuleNotEnabled()
-        if self.required_permission not in membership_permissions(membership=membership):
+        self.require_permission(request, self.required_permission)
+
+    def require_permission(self, request: Request, permission: str) -> None:
+        """Refuse (and audit) unless the key's member holds ``permission``."""
+        if permission not in membership_permissions(membership=request.auth.membership):
             audit_permission_denied(ctx=self.actor(request), action=self.audit_action, reason="permission_denied")
-            raise errors.PermissionDenied(f"This call needs the permission {self.required_permission}.")
+            raise errors.PermissionDenied(f"This call needs the permission {permission}.")
 
     @property
     def tenant(self) -> Tenant:

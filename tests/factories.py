@@ -9,8 +9,19 @@ import factory
 from django.contrib.auth import get_user_model
 
 from tenants.context import system_actor
-from tenants.models import ApiKey, Membership, PermissionGrant, Role, Tenant
-from tenants.services import api_key_create
+from tenants.models import (
+    ApiKey,
+    BudgetAction,
+    BudgetPeriod,
+    Membership,
+    PermissionGrant,
+    Role,
+    Tenant,
+    TenantBudget,
+    UsageKind,
+    UsageRecord,
+)
+from tenants.services import api_key_create, usage_cost
 
 
 class TenantFactory(factory.django.DjangoModelFactory):
@@ -70,3 +81,29 @@ class KeyFactory:
             PermissionGrant.objects.create(membership=membership, permission=permission)
         key, secret = api_key_create(membership=membership, name="test", ctx=system_actor())
         return IssuedKey(key=key, secret=secret)
+
+
+class UsageRecordFactory(factory.django.DjangoModelFactory):
+    """A metered transcription; priced here as the service would (B at 0.006 per minute by default)."""
+
+    class Meta:
+        model = UsageRecord
+
+    tenant = factory.SubFactory(TenantFactory)
+    backend = "B"
+    kind = UsageKind.BATCH
+    audio_duration_ms = 60_000
+    latency_ms = 500
+    cost = factory.LazyAttribute(lambda o: usage_cost(backend=o.backend, audio_duration_ms=o.audio_duration_ms))
+    reference = factory.Sequence(lambda n: f"job-{n}")
+
+
+class TenantBudgetFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = TenantBudget
+
+    tenant = factory.SubFactory(TenantFactory)
+    period = BudgetPeriod.DAILY
+    limit_audio_seconds = 3600
+    limit_cost = None
+    hard_action = BudgetAction.BLOCK

@@ -1,7 +1,10 @@
-"""Speech workers announce themselves here; the policy resolver reads who is alive."""
+"""Speech workers and transcription jobs."""
 
 from __future__ import annotations
 
+import uuid
+
+from django.conf import settings
 from django.db import models
 
 
@@ -27,3 +30,67 @@ class SpeechWorker(models.Model):
 
     def __str__(self) -> str:
         return self.worker_id
+
+
+class TranscriptionJob(models.Model):
+    """One batch transcription, inline or asynchronous. The row is the result: no result backend."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        COMPLETED = "completed"
+        FAILED = "failed"
+
+    TERMINAL = (Status.COMPLETED, Status.FAILED)
+
+    class Source(models.TextChoices):
+        API = "api"
+        OPENAI = "openai"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="transcription_jobs")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    api_key = models.ForeignKey("tenants.ApiKey", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    source = models.CharField(max_length=10, choices=Source.choices, default=Source.API)
+    is_async = models.BooleanField(default=False)
+
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    status_reason = models.CharField(max_length=200, blank=True)
+    error_code = models.CharField(max_length=50, blank=True, db_index=True)
+
+    # What the client asked for.
+    backend_preference = models.CharField(max_length=20, default="any")
+    language_hint = models.CharField(max_length=2, blank=True)
+    temperature = models.FloatField(null=True, blank=True)
+    word_timestamps = models.BooleanField(default=False)
+    prompt = models.TextField(blank=True)
+
+    # The audio.
+    audio_sha256 = models.CharField(max_length=64)
+    audio_bytes = models.BigIntegerField()
+    audio_ext = models.CharField(max_length=8)
+    staged_path = models.CharField(max_length=300, blank=True)
+
+    # The result.
+    backend_used = models.CharField(max_length=1, blank=True)
+    language_detected = models.CharField(max_length=16, blank=True)
+    audio_duration_ms = models.BigIntegerField(null=True, blank=True)
+    transcript = models.TextField(blank=True)
+    segments = models.JSONField(null=True, blank=True)
+
+    attempts = models.PositiveIntegerField(default=0)
+    worker_id = models.CharField(max_length=200, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["tenant", "user", "-created_at"], name="job_tenant_user_created")]
+
+    def __str__(self) -> str:
+        return f"{self.id} ({self.status})"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in self.TERMINAL

@@ -1,13 +1,43 @@
-"""Writes for the speech-worker registry."""
+"""Writes for transcription: the speech-worker registry and the life of a transcription job.
+
+Permission checks happen in the API views before these are called. ``job_create`` owns the
+transaction that inserts a job and enqueues its task after commit; ``job_run`` is what the Celery
+task does on a worker, and it is the only place where a speech backend is called.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import time
+from dataclasses import asdict
 from datetime import timedelta
+from typing import Any
 
 from django.conf import settings
+from django.db import transaction
 from django.utils import timezone
 
-from transcription.models import SpeechWorker
+from scaiecho_site import errors
+from tenants.context import ActorContext
+from tenants.services import budget_check, policy_get_or_provision, policy_resolve_backend, usage_record
+from transcription.audio import decode_audio
+from transcription.backends.base import TranscriptionResult
+from transcription.models import SpeechWorker, TranscriptionJob
+from transcription.storage import delete_staged, read_staged, stage_upload
+
+logger = logging.getLogger("scaiecho.transcription")
+
+# status_reason values clients see (contract section 2).
+REASON_DECODE = "decode failure"
+REASON_QUOTA = "quota exceeded"
+REASON_UNAVAILABLE = "backend unavailable"
+REASON_TOO_LONG = "audio too long"
+REASON_TIMEOUT = "time limit exceeded"
+REASON_ATTEMPTS = "worker lost too many times"
+
+
+# --- Worker registry -----------------------------------------------------------------------------
 
 
 def worker_heartbeat(
@@ -32,3 +62,224 @@ def worker_heartbeat(
 def worker_retire(*, worker_id: str) -> None:
     """A worker shutting down cleanly stops counting at once instead of waiting out its TTL."""
     SpeechWorker.objects.filter(worker_id=worker_id).delete()
+
+
+# --- Jobs ----------------------------------------------------------------------------------------
+
+
+def job_create(
+    *,
+    ctx: ActorContext,
+    data: bytes,
+    ext: str,
+    is_async: bool,
+    backend_preference: str = "any",
+    language_hint: str = "",
+    temperature: float | None = None,
+    word_timestamps: bool = False,
+    prompt: str = "",
+    source: str = TranscriptionJob.Source.API,
+) -> TranscriptionJob:
+    """Stage the audio, insert the queued job, and enqueue ``process_transcribe_job`` after commit.
+
+    The budget is checked first, so a tenant over a blocking budget gets ``BUDGET_EXCEEDED``
+    before anything is stored or spent.
+    """
+    from transcription.tasks import process_transcribe_job
+
+    tenant = ctx.tenant
+    budget_check(tenant=tenant, ctx=ctx)
+    job = TranscriptionJob(
+        tenant=tenant,
+        user=ctx.user,
+        api_key=ctx.api_key,
+        source=source,
+        is_async=is_async,
+        backend_preference=backend_preference,
+        language_hint=language_hint,
+        temperature=temperature,
+        word_timestamps=word_timestamps,
+        prompt=prompt,
+        audio_sha256=hashlib.sha256(data).hexdigest(),
+        audio_bytes=len(data),
+        audio_ext=ext,
+    )
+    job.staged_path = stage_upload(job_id=str(job.id), ext=ext, data=data)
+    try:
+        with transaction.atomic():
+            job.save()
+            transaction.on_commit(lambda: process_transcribe_job.delay(str(job.id)))
+    except Exception:
+        delete_staged(name=job.staged_path)
+        raise
+    return job
+
+
+def job_wait(*, job_id: Any, timeout_s: float) -> TranscriptionJob:
+    """Wait for a job to finish on a worker (the inline path). Polls the row: it is the result."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.02
+    while True:
+        job = TranscriptionJob.objects.get(pk=job_id)
+        if job.is_terminal or time.monotonic() >= deadline:
+            return job
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.1)
+
+
+def _fail(job: TranscriptionJob, *, reason: str, code: str) -> None:
+    job.status = TranscriptionJob.Status.FAILED
+    job.status_reason = reason
+    job.error_code = code
+    job.completed_at = timezone.now()
+    job.save(update_fields=["status", "status_reason", "error_code", "completed_at"])
+    delete_staged(name=job.staged_path)
+
+
+class JobBusyElsewhere(Exception):  # noqa: N818 - a state, like FileExistsError
+    """Another live worker is running this job; look again once its heartbeat could lapse."""
+
+
+def _claim(*, job_id: str, worker_id: str) -> TranscriptionJob | None:
+    """Mark the job running on this worker, or ``None`` when there is nothing left to do.
+
+    A redelivered job whose worker died is claimed again. While the worker that holds it still
+    looks alive, ``JobBusyElsewhere`` asks the task to come back later, so a redelivery that
+    arrives before the dead worker's heartbeat lapses does not drop the job.
+    """
+    with transaction.atomic():
+        job = TranscriptionJob.objects.select_for_update().filter(pk=job_id).first()
+        if job is None or job.is_terminal:
+            return None
+        if job.status == TranscriptionJob.Status.RUNNING and job.worker_id and job.worker_id != worker_id:
+            if SpeechWorker.objects.filter(worker_id=job.worker_id, expires_at__gt=timezone.now()).exists():
+                raise JobBusyElsewhere(job.worker_id)
+        job.attempts += 1
+        if job.attempts > settings.SCAIECHO_JOB_MAX_ATTEMPTS:
+            _fail(job, reason=REASON_ATTEMPTS, code=errors.BackendError.code)
+            return None
+        job.status = TranscriptionJob.Status.RUNNING
+        job.worker_id = worker_id
+        job.started_at = timezone.now()
+        job.save(update_fields=["status", "worker_id", "started_at", "attempts"])
+        return job
+
+
+def _segments_json(result: TranscriptionResult) -> list[dict[str, Any]]:
+    return [{key: value for key, value in asdict(segment).items() if value is not None} for segment in result.segments]
+
+
+def job_run(*, job_id: str, worker_id: str, final_attempt: bool) -> None:
+    """Run one job on this worker: resolve the backend, transcribe, store the result, meter it.
+
+    Transient backend errors propagate so the task can retry them, except on the final attempt,
+    where the job fails with the error's code. Everything else ends the job as failed.
+    """
+    job = _claim(job_id=job_id, worker_id=worker_id)
+    if job is None:
+        return
+    tenant = job.tenant
+    try:
+        budget_check(tenant=tenant)
+    except errors.BudgetExceeded:
+        _fail(job, reason=REASON_QUOTA, code=errors.BudgetExceeded.code)
+        return
+    started = time.monotonic()
+    try:
+        backend = policy_resolve_backend(policy=policy_get_or_provision(tenant=tenant), preference=job.backend_preference)
+        data = read_staged(name=job.staged_path)
+        audio = decode_audio(data, max_duration_s=settings.SCAIECHO_MAX_AUDIO_SECONDS)
+        result = _transcribe(job=job, backend=backend, data=data, audio=audio)
+    except errors.UnsupportedMedia:
+        _fail(job, reason=REASON_DECODE, code=errors.UnsupportedMedia.code)
+        return
+    except errors.ValidationError as exc:
+        _fail(job, reason=REASON_TOO_LONG if "longer" in exc.message else exc.message[:200], code=exc.code)
+        return
+    except errors.BackendUnavailable as exc:
+        if not final_attempt:
+            _requeue(job)
+            raise
+        _fail(job, reason=REASON_UNAVAILABLE, code=exc.code)
+        return
+    except errors.ApplicationError as exc:
+        if exc.transient and not final_attempt:
+            _requeue(job)
+            raise
+        _fail(job, reason=exc.message[:200], code=exc.code)
+        return
+    except Exception:  # a bug must end the job visibly, not leave it running
+        logger.exception("job %s failed unexpectedly", job.id)
+        _fail(job, reason="internal error", code=errors.InternalError.code)
+        return
+    latency_ms = int((time.monotonic() - started) * 1000)
+    with transaction.atomic():
+        job.status = TranscriptionJob.Status.COMPLETED
+        job.status_reason = ""
+        job.backend_used = backend
+        job.transcript = result.text
+        job.language_detected = result.language or ""
+        job.audio_duration_ms = round(audio.duration_s * 1000)
+        job.segments = _segments_json(result)
+        job.completed_at = timezone.now()
+        job.save(
+            update_fields=[
+                "status", "status_reason", "backend_used", "transcript", "language_detected",
+                "audio_duration_ms", "segments", "completed_at",
+            ]
+        )
+        usage_record(
+            tenant=tenant,
+            user=job.user,
+            api_key=job.api_key,
+            backend=backend,
+            kind="batch",
+            audio_duration_ms=job.audio_duration_ms,
+            latency_ms=latency_ms,
+            reference=str(job.id),
+        )
+    delete_staged(name=job.staged_path)
+
+
+def _requeue(job: TranscriptionJob) -> None:
+    """Back to ``queued`` while the task waits to retry, so the job's status tells the truth."""
+    job.status = TranscriptionJob.Status.QUEUED
+    job.save(update_fields=["status"])
+
+
+def _transcribe(*, job: TranscriptionJob, backend: str, data: bytes, audio: Any) -> TranscriptionResult:
+    from transcription.engine import relay_client, whisper_engine
+
+    if backend == "A":
+        return whisper_engine().transcribe(
+            audio.samples,
+            language=job.language_hint or None,
+            temperature=job.temperature,
+            word_timestamps=job.word_timestamps,
+            initial_prompt=job.prompt or None,
+        )
+    return relay_client().transcribe(
+        data,
+        filename=f"audio.{job.audio_ext}",
+        duration_s=audio.duration_s,
+        language=job.language_hint or None,
+        temperature=job.temperature,
+        word_timestamps=job.word_timestamps,
+        prompt=job.prompt or None,
+    )
+
+
+def jobs_fail_stale(*, now: Any = None) -> int:
+    """Fail jobs running far past the hard time limit (their worker vanished without a trace).
+
+    Redelivery normally rescues a dead worker's job; this is the backstop that keeps any job
+    from staying ``running`` forever.
+    """
+    now = now or timezone.now()
+    cutoff = now - timedelta(seconds=settings.SCAIECHO_JOB_TIME_LIMIT_SECONDS * 2)
+    stale = TranscriptionJob.objects.filter(status=TranscriptionJob.Status.RUNNING, started_at__lt=cutoff)
+    count = 0
+    for job in stale:
+        _fail(job, reason=REASON_TIMEOUT, code=errors.BackendTimeout.code)
+        count += 1
+    return count

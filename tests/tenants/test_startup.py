@@ -154,7 +154,8 @@ def test_redis_carries_cache_broker_and_channel_layer_across_processes(settings)
     from scaiecho_site.celery import app
 
     assert settings.CACHES["default"]["BACKEND"].endswith("RedisCache")
-    assert app.conf.broker_url == settings.REDIS_URL
+    assert app.conf.broker_url == settings.CELERY_BROKER_URL
+    assert settings.CELERY_BROKER_URL.startswith("redis://")
     layer = get_channel_layer()
     assert type(layer).__name__ == "RedisChannelLayer"
     channel = async_to_sync(layer.new_channel)()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,6 +19,7 @@ from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
 
 from scaiecho_site.errors import ValidationError
 from transcription.audio import SAMPLE_RATE
+from transcription.backends.base import Segment, TranscriptionResult, Word
 from transcription.backends.weights import LoadedModel, load_whisper_model
 
 # openai-whisper's own fallback schedule: retry a window at rising temperature when greedy
@@ -29,30 +29,6 @@ DEFAULT_TEMPERATURES: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 # Below this peak amplitude (about -80 dBFS) there is nothing a microphone could have picked up;
 # Whisper is known to "hear" words such as "you" in pure silence, so it is not asked.
 _SILENCE_PEAK = 1e-4
-
-
-@dataclass(frozen=True)
-class Word:
-    start: float
-    end: float
-    word: str
-    probability: float
-
-
-@dataclass(frozen=True)
-class Segment:
-    start: float
-    end: float
-    text: str
-    words: list[Word] | None = None
-
-
-@dataclass(frozen=True)
-class TranscriptionResult:
-    text: str
-    language: str | None
-    duration_s: float
-    segments: list[Segment]
 
 
 class WhisperEngine:

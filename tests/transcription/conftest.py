@@ -1,0 +1,121 @@
+"""A real Celery worker process and a real local relay for the end-to-end batch tests.
+
+The worker runs against the test database (committed data only: tests that need it use
+``transactional_db``) and the same Redis broker, with the default Whisper model, and Backend B
+pointed at a local server that speaks OpenAI's transcription protocol.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.db import connection
+
+from tests.relay_server import RelayServer
+from transcription.services import worker_heartbeat
+
+ROOT = Path(__file__).resolve().parents[2]
+RELAY_KEY = "relay-secret-key-not-for-logs"
+CELERY = str(Path(sys.executable).parent / "celery")
+
+
+def test_database_url() -> str:
+    db = settings.DATABASES["default"]
+    return f"postgres://{db['USER'] or 'postgres'}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+class WorkerProcess:
+    """``celery -A scaiecho_site worker`` as an operator starts it, with a few settings for tests."""
+
+    def __init__(self, *, name: str, env: dict[str, str], log_path: Path) -> None:
+        self.name = name
+        self.node = f"{name}@{os.uname().nodename}"
+        self.log_path = log_path
+        self._log = log_path.open("ab")
+        self.process = subprocess.Popen(
+            [CELERY, "-A", "scaiecho_site", "worker", "-n", self.node, "--concurrency=2", "--loglevel=INFO"],
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while b" ready." not in self.log_path.read_bytes():
+            assert self.process.poll() is None, self.log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "worker did not start"
+            time.sleep(0.2)
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker: the main process and its pool, as a crash or OOM would."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def relay() -> Iterator[RelayServer]:
+    with RelayServer(api_key=RELAY_KEY) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def worker_env(relay: RelayServer, django_db_setup: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return {
+        **os.environ,
+        "DATABASE_URL": test_database_url(),
+        "SCAIECHO_MEDIA_ROOT": str(settings.MEDIA_ROOT),
+        "SCAIECHO_RELAY_BASE_URL": relay.base_url,
+        "SCAIECHO_RELAY_API_KEY": RELAY_KEY,
+        "SCAIECHO_RELAY_TIMEOUT_SECONDS": "2",
+        "SCAIECHO_JOB_MAX_RETRIES": "1",
+        "SCAIECHO_JOB_RETRY_BACKOFF_SECONDS": "1",
+        "SCAIECHO_WORKER_HEARTBEAT_TTL_SECONDS": "6",
+        "SCAIECHO_WHISPER_CPU_THREADS": "1",
+    }
+
+
+@pytest.fixture(scope="session")
+def worker_process(worker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
+    log_dir = tmp_path_factory.mktemp("worker")
+    worker = WorkerProcess(name="batch", env=worker_env, log_path=log_dir / "worker.log")
+    try:
+        worker.wait_ready()
+        yield worker
+    finally:
+        worker.stop()
+
+
+@pytest.fixture
+def speech_worker(worker_process: WorkerProcess, transactional_db: None) -> WorkerProcess:
+    """The session's worker, announced in this test's (freshly flushed) database."""
+    worker_heartbeat(worker_id=worker_process.node)
+    return worker_process
+
+
+@pytest.fixture
+def no_worker_announced(transactional_db: None) -> Callable[[], None]:
+    def clear() -> None:
+        with connection.cursor() as cursor:
+            cursor.execute("DELETE FROM transcription_speechworker")
+
+    return clear

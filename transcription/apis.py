@@ -1,0 +1,281 @@
+"""Batch transcription endpoints: ``POST /transcribe``, ``GET /transcribe/jobs/{id}`` and the
+OpenAI-compatible ``POST /oai/v1/audio/transcriptions``.
+
+Views validate shape, call services and serialize. No audio is decoded beyond its header here and
+no model is ever loaded: the work happens on a worker, and an inline request waits for its job.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.http import HttpResponse
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import serializers
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from scaiecho_site import errors
+from scaiecho_site.envelope import ok
+from scaiecho_site.schema import ErrorEnvelope, responses
+from tenants.models import PERM_DIARIZE, PERM_TRANSCRIBE
+from tenants.permissions import TenantApiView
+from tenants.services import BACKEND_PREFERENCES, audit_record, policy_get_or_provision, policy_resolve_backend
+from transcription import formats
+from transcription.audio import sniff_extension
+from transcription.backends.base import Segment, TranscriptionResult, Word
+from transcription.models import TranscriptionJob
+from transcription.selectors import job_for_owner
+from transcription.services import job_create, job_wait
+
+ASYNC_NOTE = "Long-form transcribe runs asynchronously. Poll GET /v1/modules/scaiecho/transcribe/jobs/{id}"
+
+# A failed inline job answers with the error its failure stands for.
+_FAILURE_ERRORS: dict[str, type[errors.ApplicationError]] = {
+    cls.code: cls
+    for cls in (
+        errors.UnsupportedMedia,
+        errors.ValidationError,
+        errors.BudgetExceeded,
+        errors.BackendUnavailable,
+        errors.BackendError,
+        errors.UpstreamShapeMismatch,
+        errors.BackendTimeout,
+        errors.BackendRateLimited,
+        errors.InternalError,
+    )
+}
+
+
+class SegmentOutput(serializers.Serializer):
+    start = serializers.FloatField()
+    end = serializers.FloatField()
+    text = serializers.CharField()
+    speaker_id = serializers.CharField(required=False, allow_null=True)
+    speaker_label = serializers.CharField(required=False, allow_null=True)
+
+
+class InlineResultOutput(serializers.Serializer):
+    job_id = serializers.CharField(source="id")
+    transcript = serializers.CharField()
+    backend_used = serializers.CharField()
+    language_detected = serializers.CharField(allow_null=True)
+    audio_duration_ms = serializers.IntegerField()
+    audio_bytes = serializers.IntegerField()
+    segments = SegmentOutput(many=True)
+
+
+class QueuedOutput(serializers.Serializer):
+    job_id = serializers.CharField(source="id")
+    status = serializers.CharField()
+    audio_bytes = serializers.IntegerField()
+    note = serializers.CharField()
+
+
+class JobOutput(serializers.Serializer):
+    job_id = serializers.CharField(source="id")
+    status = serializers.CharField()
+    status_reason = serializers.CharField(allow_null=True)
+    transcript = serializers.CharField(allow_null=True)
+    segments = SegmentOutput(many=True, allow_null=True)
+    backend_used = serializers.CharField(allow_null=True)
+    language_detected = serializers.CharField(allow_null=True)
+    audio_duration_ms = serializers.IntegerField(allow_null=True)
+    audio_bytes = serializers.IntegerField()
+    created_at = serializers.DateTimeField()
+    completed_at = serializers.DateTimeField(allow_null=True)
+
+
+def _or_none(value: Any) -> Any:
+    return value if value not in ("", None) else None
+
+
+def job_data(job: TranscriptionJob) -> dict[str, Any]:
+    """The job as the contract shows it: fields not set (yet) are ``null``."""
+    completed = job.status == TranscriptionJob.Status.COMPLETED
+    return JobOutput(
+        {
+            "id": str(job.id),
+            "status": job.status,
+            "status_reason": _or_none(job.status_reason),
+            "transcript": job.transcript if completed else None,
+            "segments": job.segments if completed else None,
+            "backend_used": _or_none(job.backend_used),
+            "language_detected": _or_none(job.language_detected),
+            "audio_duration_ms": job.audio_duration_ms,
+            "audio_bytes": job.audio_bytes,
+            "created_at": job.created_at,
+            "completed_at": job.completed_at,
+        }
+    ).data
+
+
+def read_upload(upload: Any) -> tuple[bytes, str]:
+    """The uploaded bytes and their container's extension; size and format checked by content."""
+    if upload.size > settings.SCAIECHO_MAX_UPLOAD_BYTES:
+        raise errors.PayloadTooLarge(
+            f"The file is {upload.size} bytes; the limit is {settings.SCAIECHO_MAX_UPLOAD_BYTES} bytes."
+        )
+    data = upload.read()
+    return data, sniff_extension(data)
+
+
+def failure_error(job: TranscriptionJob) -> errors.ApplicationError:
+    error_class = _FAILURE_ERRORS.get(job.error_code, errors.InternalError)
+    if error_class is errors.InternalError:
+        return errors.InternalError()
+    details = [{"field": "file", "message": job.status_reason}] if error_class is errors.ValidationError else None
+    return error_class(f"Transcription failed: {job.status_reason}.", details=details)
+
+
+def finish_inline(job: TranscriptionJob) -> TranscriptionJob:
+    """Wait for an inline job; a job still unfinished at the deadline stays pollable."""
+    job = job_wait(job_id=job.id, timeout_s=settings.SCAIECHO_SYNC_TIMEOUT_SECONDS)
+    if job.status == TranscriptionJob.Status.FAILED:
+        raise failure_error(job)
+    if job.status != TranscriptionJob.Status.COMPLETED:
+        raise errors.BackendTimeout(
+            "The transcription did not finish in time; it goes on, and its job can be polled.",
+            details=[{"field": "job_id", "message": str(job.id)}],
+        )
+    return job
+
+
+class TranscribeApi(TenantApiView):
+    required_permission = PERM_TRANSCRIBE
+    audit_action = "transcription.create"
+
+    class InputSerializer(serializers.Serializer):
+        file = serializers.FileField(allow_empty_file=True)
+        language_hint = serializers.RegexField(r"^[a-z]{2}$", required=False, allow_blank=True)
+        backend_preference = serializers.ChoiceField(choices=BACKEND_PREFERENCES, default="any")
+        temperature = serializers.FloatField(min_value=0.0, max_value=1.0, required=False)
+        force_async = serializers.BooleanField(default=False)
+        diarize = serializers.BooleanField(default=False)
+
+    @extend_schema(
+        operation_id="transcribe",
+        request={"multipart/form-data": InputSerializer},
+        responses={
+            **responses(200, "TranscribeInlineEnvelope", InlineResultOutput(), 413, 415, 422, 502, 504),
+            202: responses(202, "TranscribeQueuedEnvelope", QueuedOutput())[202],
+        },
+    )
+    def post(self, request: Request) -> Response:
+        serializer = self.InputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        params = serializer.validated_data
+        if params["diarize"]:
+            self.require_permission(request, PERM_DIARIZE)
+            raise errors.ValidationError(
+                "Speaker-attributed transcripts are not available yet.",
+                details=[{"field": "diarize", "message": "Not available yet."}],
+            )
+        data, ext = read_upload(params["file"])
+        is_async = len(data) > settings.SCAIECHO_ASYNC_AUDIO_THRESHOLD_BYTES or params["force_async"]
+        if not is_async:
+            # Fail fast instead of queueing work no backend can take; the worker resolves again.
+            policy_resolve_backend(policy=policy_get_or_provision(tenant=self.tenant), preference=params["backend_preference"])
+        job = job_create(
+            ctx=self.actor(),
+            data=data,
+            ext=ext,
+            is_async=is_async,
+            backend_preference=params["backend_preference"],
+            language_hint=params.get("language_hint", ""),
+            temperature=params.get("temperature"),
+        )
+        audit_record(ctx=self.actor(), action="transcription.create", resource_type="transcription_job", resource_id=str(job.id))
+        if is_async:
+            queued = {"id": str(job.id), "status": job.status, "audio_bytes": job.audio_bytes, "note": ASYNC_NOTE}
+            return ok(request, QueuedOutput(queued).data, status=202)
+        job = finish_inline(job)
+        inline = {**job_data(job), "id": str(job.id), "segments": job.segments or []}
+        return ok(request, InlineResultOutput(inline).data)
+
+
+class TranscribeJobApi(TenantApiView):
+    required_permission = PERM_TRANSCRIBE
+    audit_action = "transcription.read"
+
+    @extend_schema(operation_id="transcribe_job_get", responses=responses(200, "TranscribeJobEnvelope", JobOutput(), 404))
+    def get(self, request: Request, job_id: str) -> Response:
+        job = job_for_owner(job_id=job_id, tenant_id=self.tenant.pk, user_id=request.user.pk)
+        audit_record(ctx=self.actor(), action="transcription.read", resource_type="transcription_job", resource_id=str(job.id))
+        return ok(request, job_data(job))
+
+
+def result_from_job(job: TranscriptionJob) -> TranscriptionResult:
+    segments = [
+        Segment(
+            start=item["start"],
+            end=item["end"],
+            text=item["text"],
+            words=[Word(**word) for word in item["words"]] if item.get("words") else None,
+        )
+        for item in job.segments or []
+    ]
+    return TranscriptionResult(
+        text=job.transcript,
+        language=job.language_detected or None,
+        duration_s=(job.audio_duration_ms or 0) / 1000,
+        segments=segments,
+    )
+
+
+class OpenAITranscriptionApi(TenantApiView):
+    """OpenAI's ``/v1/audio/transcriptions``, so the official SDKs work with a ScaiEcho key."""
+
+    required_permission = PERM_TRANSCRIBE
+    audit_action = "transcription.create"
+
+    class InputSerializer(serializers.Serializer):
+        file = serializers.FileField(allow_empty_file=True)
+        model = serializers.CharField(required=False, allow_blank=True)
+        language = serializers.RegexField(r"^[a-z]{2}$", required=False, allow_blank=True)
+        prompt = serializers.CharField(required=False, allow_blank=True)
+        response_format = serializers.ChoiceField(choices=formats.RESPONSE_FORMATS, default="json")
+        temperature = serializers.FloatField(min_value=0.0, max_value=1.0, required=False)
+        timestamp_granularities = serializers.ListField(
+            child=serializers.ChoiceField(choices=["segment", "word"]), required=False
+        )
+
+    @extend_schema(
+        operation_id="openai_audio_transcriptions",
+        request={"multipart/form-data": InputSerializer},
+        responses={200: OpenApiResponse(description="json, text, srt, vtt or verbose_json"), 401: ErrorEnvelope, 415: ErrorEnvelope, 422: ErrorEnvelope},
+    )
+    def post(self, request: Request) -> Response | HttpResponse:
+        raw = request.data.copy()
+        granularities = request.data.getlist("timestamp_granularities[]") if hasattr(request.data, "getlist") else []
+        if granularities:
+            raw.setlist("timestamp_granularities", granularities)
+        serializer = self.InputSerializer(data=raw)
+        serializer.is_valid(raise_exception=True)
+        params = serializer.validated_data
+        granularities = params.get("timestamp_granularities") or ["segment"]
+        data, ext = read_upload(params["file"])
+        policy_resolve_backend(policy=policy_get_or_provision(tenant=self.tenant))
+        job = job_create(
+            ctx=self.actor(),
+            data=data,
+            ext=ext,
+            is_async=False,
+            language_hint=params.get("language", ""),
+            temperature=params.get("temperature"),
+            word_timestamps="word" in granularities,
+            prompt=params.get("prompt", ""),
+            source=TranscriptionJob.Source.OPENAI,
+        )
+        audit_record(ctx=self.actor(), action="transcription.create", resource_type="transcription_job", resource_id=str(job.id))
+        job = finish_inline(job)
+        body, content_type = formats.render(
+            result_from_job(job),
+            response_format=params["response_format"],
+            word_timestamps="word" in granularities,
+            segment_timestamps="segment" in granularities,
+        )
+        if isinstance(body, str):
+            return HttpResponse(body, content_type=content_type)
+        return Response(body)

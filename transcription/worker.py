@@ -1,0 +1,71 @@
+"""What a Celery worker process does besides running tasks.
+
+- The main process announces the worker (a heartbeat row with a TTL) so that the policy resolver
+  knows Backend A is available, retires it on a clean shutdown, and sweeps jobs whose worker
+  vanished.
+- Each pool process loads the Whisper model once, at start, so the first job does not pay for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from celery.signals import worker_process_init, worker_ready, worker_shutdown
+from django.conf import settings
+from django.db import close_old_connections
+
+logger = logging.getLogger("scaiecho.worker")
+
+_stop = threading.Event()
+_worker_id: str | None = None
+
+
+def _beat(worker_id: str) -> None:
+    from transcription.services import jobs_fail_stale, worker_heartbeat
+
+    interval = max(1.0, settings.SCAIECHO_WORKER_HEARTBEAT_TTL_SECONDS / 3)
+    while not _stop.is_set():
+        try:
+            close_old_connections()
+            worker_heartbeat(
+                worker_id=worker_id,
+                hostname=worker_id.partition("@")[2],
+                model_name=settings.SCAIECHO_WHISPER_MODEL,
+                device=settings.SCAIECHO_WHISPER_DEVICE or "auto",
+            )
+            jobs_fail_stale()
+        except Exception:  # a database hiccup must not kill the heartbeat
+            logger.exception("worker heartbeat failed")
+        _stop.wait(interval)
+
+
+@worker_ready.connect
+def announce_worker(sender: Any = None, **_kwargs: Any) -> None:
+    global _worker_id
+    _worker_id = sender.hostname
+    threading.Thread(target=_beat, args=(_worker_id,), name="scaiecho-heartbeat", daemon=True).start()
+    logger.info("speech worker %s announced", _worker_id)
+
+
+@worker_shutdown.connect
+def retire_worker(**_kwargs: Any) -> None:
+    _stop.set()
+    if _worker_id:
+        from transcription.services import worker_retire
+
+        close_old_connections()
+        worker_retire(worker_id=_worker_id)
+
+
+@worker_process_init.connect
+def preload_model(**_kwargs: Any) -> None:
+    if not settings.SCAIECHO_WHISPER_PRELOAD:
+        return
+    from transcription.engine import whisper_engine
+
+    try:
+        whisper_engine().load()
+    except Exception:  # the job that needs it reports the error; relay-only work still runs
+        logger.exception("could not load the Whisper model %s", settings.SCAIECHO_WHISPER_MODEL)
