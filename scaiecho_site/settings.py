@@ -170,6 +170,10 @@ if REDIS_URL:
     CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, Any] = {
         # Longer than the longest job, so an unacknowledged job is not redelivered while it runs.
         "visibility_timeout": env_int("SCAIECHO_BROKER_VISIBILITY_TIMEOUT", 3600),
+        # How often a worker looks for jobs a dead worker took and never acknowledged (roughly
+        # interval x throttle seconds); they go back on the queue after the visibility timeout.
+        "unacked_restore_interval": env_int("SCAIECHO_BROKER_RESTORE_INTERVAL", 10),
+        "unacked_restore_throttle": env_int("SCAIECHO_BROKER_RESTORE_THROTTLE", 6),
     }
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}

@@ -120,7 +120,9 @@ def job_wait(*, job_id: Any, timeout_s: float) -> TranscriptionJob:
     deadline = time.monotonic() + timeout_s
     delay = 0.02
     while True:
-        job = TranscriptionJob.objects.get(pk=job_id)
+        job = TranscriptionJob.objects.filter(pk=job_id).first()
+        if job is None:  # deleted while we waited (its tenant was removed)
+            raise errors.NotFound("The transcription job no longer exists.")
         if job.is_terminal or time.monotonic() >= deadline:
             return job
         time.sleep(delay)

@@ -35,13 +35,13 @@ def test_database_url() -> str:
 class WorkerProcess:
     """``celery -A scaiecho_site worker`` as an operator starts it, with a few settings for tests."""
 
-    def __init__(self, *, name: str, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, *, name: str, env: dict[str, str], log_path: Path, queue: str = "celery", concurrency: int = 2) -> None:
         self.name = name
         self.node = f"{name}@{os.uname().nodename}"
         self.log_path = log_path
         self._log = log_path.open("ab")
         self.process = subprocess.Popen(
-            [CELERY, "-A", "scaiecho_site", "worker", "-n", self.node, "--concurrency=2", "--loglevel=INFO"],
+            [CELERY, "-A", "scaiecho_site", "worker", "-n", self.node, "-Q", queue, f"--concurrency={concurrency}", "--loglevel=INFO"],
             cwd=ROOT,
             env=env,
             stdout=self._log,
@@ -86,7 +86,7 @@ def worker_env(relay: RelayServer, django_db_setup: None, tmp_path_factory: pyte
         "SCAIECHO_MEDIA_ROOT": str(settings.MEDIA_ROOT),
         "SCAIECHO_RELAY_BASE_URL": relay.base_url,
         "SCAIECHO_RELAY_API_KEY": RELAY_KEY,
-        "SCAIECHO_RELAY_TIMEOUT_SECONDS": "2",
+        "SCAIECHO_RELAY_TIMEOUT_SECONDS": "10",
         "SCAIECHO_JOB_MAX_RETRIES": "1",
         "SCAIECHO_JOB_RETRY_BACKOFF_SECONDS": "1",
         "SCAIECHO_WORKER_HEARTBEAT_TTL_SECONDS": "6",
