@@ -186,6 +186,8 @@ else:
         "processed_folder": str(_broker_dir / "processed"),
         "control_folder": str(_broker_dir / "control"),
         "store_processed": False,
+        # The filesystem transport polls for new jobs; its default of 1 s adds up to 1 s per job.
+        "polling_interval": env_float("SCAIECHO_BROKER_POLLING_INTERVAL", 0.1),
     }
     if CELERY_BROKER_URL == "filesystem://":
         for _folder in ("queue", "processed", "control"):
