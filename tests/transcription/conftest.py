@@ -119,3 +119,47 @@ def no_worker_announced(transactional_db: None) -> Callable[[], None]:
             cursor.execute("DELETE FROM transcription_speechworker")
 
     return clear
+
+
+class DaphneServer:
+    """``manage.py runserver`` (daphne, ASGI) as a subprocess on a free port, on the test database."""
+
+    def __init__(self, *, env: dict[str, str], log_path: Path) -> None:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log = log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "manage.py", "runserver", f"127.0.0.1:{self.port}", "--noreload", "--skip-checks"],
+            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        import httpx
+
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert self.process.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "daphne did not start"
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=30)
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def daphne_server(worker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaphneServer]:
+    server = DaphneServer(env=worker_env, log_path=tmp_path_factory.mktemp("daphne") / "daphne.log")
+    try:
+        yield server
+    finally:
+        server.stop()
