@@ -91,6 +91,8 @@ def worker_env(relay: RelayServer, django_db_setup: None, tmp_path_factory: pyte
         "SCAIECHO_JOB_RETRY_BACKOFF_SECONDS": "1",
         "SCAIECHO_WORKER_HEARTBEAT_TTL_SECONDS": "6",
         "SCAIECHO_WHISPER_CPU_THREADS": "1",
+        # Low enough that a test can send longer audio without making hours of it.
+        "SCAIECHO_MAX_AUDIO_SECONDS": "120",
     }
 
 

@@ -13,7 +13,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 
 from tenants.models import ApiKey, AuditEvent, Role, TenantPolicy, UsageRecord
 from tests.factories import KeyFactory
-from tests.speech import convert_audio, synth_speech, word_error_rate
+from tests.speech import convert_audio, silence_wav, synth_speech, word_error_rate
 from tests.tenants.test_auth import assert_error
 from transcription.models import TranscriptionJob
 from transcription.storage import staged_name
@@ -165,18 +165,16 @@ def test_oversize_upload_is_413(api, speech_worker, speech_wav, settings):
     assert_error(response, 413, "PAYLOAD_TOO_LARGE")
 
 
-def test_too_long_audio_is_422(api, speech_worker, speech_wav, worker_env):
-    # The worker's limit is the default (3 h); a job over it would take hours to make here, so the
-    # limit is checked by the decoder tests. This checks the mapping of the worker's answer.
+def test_too_long_audio_is_422_and_not_metered(api, speech_worker):
+    """The worker's limit is 120 s (SCAIECHO_MAX_AUDIO_SECONDS in worker_env)."""
     key = key_with_policy("A", "A")
-    job = TranscriptionJob.objects.create(
-        tenant=key.tenant, user=key.membership.user, status="failed", status_reason="audio too long",
-        error_code="VALIDATION_ERROR", audio_sha256="0" * 64, audio_bytes=1, audio_ext="wav",
-    )
-    from transcription.apis import failure_error
-
-    error = failure_error(job)
-    assert (error.http_status, error.code) == (422, "VALIDATION_ERROR")
+    long_audio = silence_wav(seconds=125)
+    response = api.post(TRANSCRIBE_URL, {"file": upload("long.wav", long_audio)}, format="multipart", headers=key.headers)
+    body = assert_error(response, 422, "VALIDATION_ERROR")
+    assert body["error"]["details"][0]["field"] == "file"
+    job = TranscriptionJob.objects.get(tenant=key.tenant)
+    assert (job.status, job.status_reason) == ("failed", "audio too long")
+    assert not UsageRecord.objects.filter(tenant=key.tenant).exists()
 
 
 def test_jobs_are_visible_only_to_their_owner(api, speech_worker, speech_wav):
