@@ -7,10 +7,9 @@ from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from scaiecho_site import errors
-from scaiecho_site.envelope import ok, to_application_error
+from scaiecho_site.envelope import ok
 from scaiecho_site.schema import responses
-from tenants.models import PERM_ADMIN, AuditEvent, TenantPolicy
+from tenants.models import PERM_ADMIN, TenantPolicy
 from tenants.permissions import TenantApiView
 from tenants.selectors import api_key_of_tenant, api_keys_of_tenant
 from tenants.services import api_key_revoke, audit_record, policy_get_or_provision, policy_update
@@ -26,7 +25,9 @@ class TenantPolicyOutput(serializers.Serializer):
 
 class TenantPolicyApi(TenantApiView):
     required_permission = PERM_ADMIN
-    audit_action = "tenant_policy.access"
+    @property
+    def audit_action(self) -> str:  # type: ignore[override]
+        return "tenant_policy.read" if self.request.method in ("GET", "HEAD") else "tenant_policy.update"
 
     class PutInput(serializers.Serializer):
         # Shape only; the contract's rules live in ``policy_validate``.
@@ -63,21 +64,9 @@ class TenantPolicyApi(TenantApiView):
         return self._update(request, self.PutInput)
 
     def _update(self, request: Request, input_class: type[serializers.Serializer]) -> Response:
-        try:
-            serializer = input_class(data=request.data)
-            serializer.is_valid(raise_exception=True)
-            policy = policy_update(tenant=self.tenant, ctx=self.actor(), **serializer.validated_data)
-        except Exception as exc:
-            error = to_application_error(exc)
-            audit_record(
-                ctx=self.actor(),
-                action="tenant_policy.update",
-                outcome=AuditEvent.Outcome.FAILURE,
-                resource_type="tenant_policy",
-                resource_id=str(self.tenant.pk),
-                details={"code": error.code, "details": error.details},
-            )
-            raise
+        serializer = input_class(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        policy = policy_update(tenant=self.tenant, ctx=self.actor(), **serializer.validated_data)
         return self._render(request, policy)
 
 
@@ -113,16 +102,5 @@ class ApiKeyDetailApi(TenantApiView):
 
     @extend_schema(operation_id="api_keys_revoke", responses=responses(200, "ApiKeyRevokeEnvelope", ApiKeyOutput(), 404))
     def delete(self, request: Request, key_id: str) -> Response:
-        try:
-            key = api_key_of_tenant(tenant_id=self.tenant.pk, key_id=key_id)
-        except errors.NotFound:
-            audit_record(
-                ctx=self.actor(),
-                action="api_key.revoke",
-                outcome=AuditEvent.Outcome.FAILURE,
-                resource_type="api_key",
-                resource_id=key_id[:100],
-                details={"code": "NOT_FOUND"},
-            )
-            raise
+        key = api_key_of_tenant(tenant_id=self.tenant.pk, key_id=key_id)
         return ok(request, ApiKeyOutput(api_key_revoke(key=key, ctx=self.actor())).data)

@@ -15,11 +15,12 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from scaiecho_site import errors
+from scaiecho_site.envelope import to_application_error
 from tenants.context import ActorContext, actor_from_request
-from tenants.models import ApiKey, Tenant
+from tenants.models import ApiKey, AuditEvent, Tenant
 from tenants.ratelimit import api_limits, ratelimit_hit
 from tenants.selectors import membership_permissions
-from tenants.services import audit_permission_denied
+from tenants.services import audit_permission_denied, audit_record
 
 
 class TenantApiView(APIView):
@@ -44,12 +45,25 @@ class TenantApiView(APIView):
             audit_permission_denied(ctx=self.actor(request), action=self.audit_action, reason="module_not_enabled")
             raise errors.ModuleNotEnabled()
         self.require_permission(request, self.required_permission)
+        self.permitted = True
 
     def require_permission(self, request: Request, permission: str) -> None:
         """Refuse (and audit) unless the key's member holds ``permission``."""
         if permission not in membership_permissions(membership=request.auth.membership):
             audit_permission_denied(ctx=self.actor(request), action=self.audit_action, reason="permission_denied")
             raise errors.PermissionDenied(f"This call needs the permission {permission}.")
+
+    def handle_exception(self, exc: Exception) -> Response:
+        """A permitted call that fails still leaves its FAILURE row in the audit trail."""
+        if getattr(self, "permitted", False):
+            error = to_application_error(exc)
+            audit_record(
+                ctx=self.actor(),
+                action=self.audit_action,
+                outcome=AuditEvent.Outcome.FAILURE,
+                details={"code": error.code, "details": error.details},
+            )
+        return super().handle_exception(exc)
 
     @property
     def tenant(self) -> Tenant:

@@ -52,8 +52,12 @@ class SegmentOutput(serializers.Serializer):
     start = serializers.FloatField()
     end = serializers.FloatField()
     text = serializers.CharField()
-    speaker_id = serializers.CharField(required=False, allow_null=True)
-    speaker_label = serializers.CharField(required=False, allow_null=True)
+    speaker_id = serializers.CharField(required=False)
+    speaker_label = serializers.CharField(required=False)
+
+    def to_representation(self, instance: Any) -> dict[str, Any]:
+        # Speaker fields appear only on diarized output.
+        return {key: value for key, value in super().to_representation(instance).items() if value is not None}
 
 
 class InlineResultOutput(serializers.Serializer):

@@ -12,12 +12,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.conf import settings
-from django.db import connection
 
 from tests.relay_server import RelayServer
 from transcription.services import worker_heartbeat
@@ -114,13 +114,19 @@ def speech_worker(worker_process: WorkerProcess, transactional_db: None) -> Work
     return worker_process
 
 
-@pytest.fixture
-def no_worker_announced(transactional_db: None) -> Callable[[], None]:
-    def clear() -> None:
-        with connection.cursor() as cursor:
-            cursor.execute("DELETE FROM transcription_speechworker")
+def never_available() -> bool:
+    return False
 
-    return clear
+
+@pytest.fixture
+def no_worker_alive(settings: Any) -> None:
+    """Backend A as if no worker were alive: the session's worker keeps beating, so the web side's
+    availability check (a pluggable setting) is told so instead; the heartbeat check itself is
+    tested in tests/tenants/test_policy.py."""
+    settings.SCAIECHO_BACKEND_AVAILABILITY_CHECKS = {
+        **settings.SCAIECHO_BACKEND_AVAILABILITY_CHECKS,
+        "A": "tests.transcription.conftest.never_available",
+    }
 
 
 class DaphneServer:

@@ -145,6 +145,8 @@ def test_bad_uploads_get_their_error_and_no_usage(api, speech_worker, speech_wav
     response = api.post(TRANSCRIBE_URL, {"file": upload(name, make(speech_wav))}, format="multipart", headers=key.headers)
     assert_error(response, status, code)
     assert not UsageRecord.objects.filter(tenant=key.tenant).exists()
+    failure = AuditEvent.objects.get(tenant_id=key.tenant.pk, action="transcription.create", outcome="FAILURE")
+    assert failure.details["code"] == code
 
 
 def test_corrupt_audio_in_an_async_job_fails_with_decode_failure(api, speech_worker, speech_wav):
@@ -216,8 +218,7 @@ def test_invalid_fields_are_422(api, speech_worker, speech_wav, payload, field):
     assert field in {d["field"] for d in error["error"]["details"]}
 
 
-def test_no_available_backend_is_502(api, no_worker_announced, speech_wav, settings):
-    no_worker_announced()
+def test_no_available_backend_is_502(api, no_worker_alive, transactional_db, speech_wav, settings):
     key = key_with_policy("A", "A")
     assert_error(api.post(TRANSCRIBE_URL, {"file": upload("s.wav", speech_wav)}, format="multipart", headers=key.headers), 502, "SCAIECHO_BACKEND_UNAVAILABLE")
     settings.SCAIECHO_RELAY_BASE_URL = ""

@@ -30,6 +30,10 @@ class Segment:
     # Filled in by diarization; ``None`` when no speaker was attributed.
     speaker_id: str | None = None
     speaker_label: str | None = None
+    # Whisper's decoder confidence for this segment (mean token log probability, and the
+    # probability of its "no speech" token); ``None`` from backends that do not report them.
+    avg_logprob: float | None = None
+    no_speech_prob: float | None = None
 
 
 @dataclass(frozen=True)
