@@ -11,12 +11,13 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from scaiecho_site.checks import enforce_startup_checks  # noqa: E402
 from scaiecho_site.routing import websocket_urlpatterns  # noqa: E402
+from streaming.middleware import TokenScopeMiddleware  # noqa: E402
 
 enforce_startup_checks()
 
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        "websocket": URLRouter(websocket_urlpatterns),
+        "websocket": TokenScopeMiddleware(URLRouter(websocket_urlpatterns)),
     }
 )

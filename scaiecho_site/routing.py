@@ -1,5 +1,5 @@
-"""WebSocket routes. The streaming app adds its consumer here."""
+"""WebSocket routes."""
 
-from django.urls import URLPattern
+from streaming.routing import websocket_urlpatterns
 
-websocket_urlpatterns: list[URLPattern] = []
+__all__ = ["websocket_urlpatterns"]

@@ -163,7 +163,13 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL]},
+            # A stream worker's channel carries the audio of all its sessions.
+            # redis-py 8 reads with a 5 s socket timeout by default, which channels_redis's 5 s
+            # blocking pops run into; give reads more room than the pops.
+            "CONFIG": {
+                "hosts": [{"address": REDIS_URL, "socket_timeout": 30}],
+                "channel_capacity": {"scaiecho.streamworker.*": 5000},
+            },
         }
     }
     CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", REDIS_URL)
@@ -177,7 +183,7 @@ if REDIS_URL:
     }
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
-    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer", "CONFIG": {"capacity": 5000}}}
     CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", "filesystem://")
     _broker_dir = SCAIECHO_DATA_DIR / "broker"
     CELERY_BROKER_TRANSPORT_OPTIONS = {
@@ -338,6 +344,17 @@ if SCAIECHO_S3_BUCKET:
             "querystring_auth": True,
         },
     }
+
+# --- Live streaming ------------------------------------------------------------------------------
+SCAIECHO_STREAM_IDLE_TIMEOUT_SECONDS = env_float("SCAIECHO_STREAM_IDLE_TIMEOUT_SECONDS", 30.0)
+SCAIECHO_STREAM_MAX_SESSION_SECONDS = env_int("SCAIECHO_STREAM_MAX_SESSION_SECONDS", 4 * 3600)
+SCAIECHO_STREAM_MAX_FRAME_BYTES = env_int("SCAIECHO_STREAM_MAX_FRAME_BYTES", 1024 * 1024)
+# How often a live stream re-checks its key (revocation) and the tenant's budget.
+SCAIECHO_STREAM_RECHECK_SECONDS = env_float("SCAIECHO_STREAM_RECHECK_SECONDS", 2.0)
+# A stream worker beats every third of this; a client learns of a dead worker within about this.
+SCAIECHO_STREAM_WORKER_TTL_SECONDS = env_float("SCAIECHO_STREAM_WORKER_TTL_SECONDS", 3.0)
+# How long finalize/close wait for the stream worker's last deltas.
+SCAIECHO_STREAM_FLUSH_TIMEOUT_SECONDS = env_float("SCAIECHO_STREAM_FLUSH_TIMEOUT_SECONDS", 30.0)
 
 # --- Logging -----------------------------------------------------------------------------------
 LOGGING = {

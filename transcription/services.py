@@ -41,10 +41,18 @@ REASON_ATTEMPTS = "worker lost too many times"
 
 
 def worker_heartbeat(
-    *, worker_id: str, kind: str = SpeechWorker.Kind.BATCH, hostname: str = "", model_name: str = "", device: str = ""
+    *,
+    worker_id: str,
+    kind: str = SpeechWorker.Kind.BATCH,
+    hostname: str = "",
+    model_name: str = "",
+    device: str = "",
+    ttl_seconds: float | None = None,
 ) -> SpeechWorker:
-    """Announce a worker as alive for the next ``SCAIECHO_WORKER_HEARTBEAT_TTL_SECONDS``."""
+    """Announce a worker as alive for the next ``ttl_seconds``
+    (default ``SCAIECHO_WORKER_HEARTBEAT_TTL_SECONDS``)."""
     now = timezone.now()
+    ttl = settings.SCAIECHO_WORKER_HEARTBEAT_TTL_SECONDS if ttl_seconds is None else ttl_seconds
     worker, _ = SpeechWorker.objects.update_or_create(
         worker_id=worker_id,
         defaults={
@@ -53,7 +61,7 @@ def worker_heartbeat(
             "model_name": model_name,
             "device": device,
             "last_seen_at": now,
-            "expires_at": now + timedelta(seconds=settings.SCAIECHO_WORKER_HEARTBEAT_TTL_SECONDS),
+            "expires_at": now + timedelta(seconds=ttl),
         },
     )
     return worker

@@ -27,7 +27,7 @@ RELAY_KEY = "relay-secret-key-not-for-logs"
 CELERY = str(Path(sys.executable).parent / "celery")
 
 
-def test_database_url() -> str:
+def database_url_for_workers() -> str:
     db = settings.DATABASES["default"]
     return f"postgres://{db['USER'] or 'postgres'}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
 
@@ -82,7 +82,7 @@ def relay() -> Iterator[RelayServer]:
 def worker_env(relay: RelayServer, django_db_setup: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return {
         **os.environ,
-        "DATABASE_URL": test_database_url(),
+        "DATABASE_URL": database_url_for_workers(),
         "SCAIECHO_MEDIA_ROOT": str(settings.MEDIA_ROOT),
         "SCAIECHO_RELAY_BASE_URL": relay.base_url,
         "SCAIECHO_RELAY_API_KEY": RELAY_KEY,

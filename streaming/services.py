@@ -1,0 +1,157 @@
+"""Writes and checks for live stream sessions, called by the consumer through
+``database_sync_to_async`` (never on the event loop).
+
+The consumer authenticates and authorizes through these; each returns plain values so the
+consumer holds no ORM objects across awaits.
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+import wave
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import numpy as np
+from django.conf import settings
+from django.utils import timezone
+
+from scaiecho_site import errors
+from tenants.authentication import api_key_from_token
+from tenants.context import ActorContext
+from tenants.models import PERM_DIARIZE, PERM_TRANSCRIBE, ApiKey, AuditEvent
+from tenants.selectors import membership_permissions
+from tenants.services import (
+    audit_permission_denied,
+    audit_record,
+    budget_check,
+    policy_get_or_provision,
+    policy_resolve_backend,
+    usage_record,
+)
+from transcription.models import SpeechWorker
+from transcription.selectors import relay_configured, whisper_workers_alive
+
+
+@dataclass(frozen=True)
+class StreamGrant:
+    """What an authorized stream may do, decided once at ``open``."""
+
+    key_id: uuid.UUID
+    tenant_id: uuid.UUID
+    user_id: int
+    session_id: str
+    backend: str
+    expires_at: datetime
+
+
+def stream_backend_available(backend: str) -> bool:
+    """Backend A streams need a live *stream* worker; Backend B needs the relay configured."""
+    if backend == "A":
+        return whisper_workers_alive(kind=SpeechWorker.Kind.STREAM)
+    return relay_configured()
+
+
+def stream_authenticate(*, token: str | None) -> ApiKey:
+    if not token:
+        raise errors.AuthTokenMissing("Send the API key as ?token= or an Authorization: Bearer header.")
+    key = api_key_from_token(token)
+    if key is None:
+        raise errors.AuthTokenInvalid()
+    return key
+
+
+def stream_open(
+    *, key: ApiKey, ctx: ActorContext, backend_preference: str, diarize: bool
+) -> StreamGrant:
+    """Authorize, check the budget and resolve the backend once for the whole session."""
+    membership = key.membership
+    tenant = membership.tenant
+    if not tenant.scaiecho_enabled:
+        audit_permission_denied(ctx=ctx, action="stream.open", reason="module_not_enabled")
+        raise errors.ModuleNotEnabled()
+    permissions = membership_permissions(membership=membership)
+    for needed in (PERM_TRANSCRIBE, PERM_DIARIZE) if diarize else (PERM_TRANSCRIBE,):
+        if needed not in permissions:
+            audit_permission_denied(ctx=ctx, action="stream.open", reason="permission_denied")
+            raise errors.PermissionDenied(f"This stream needs the permission {needed}.")
+    if diarize:
+        raise errors.ValidationError(
+            "Speaker-attributed streams are not available yet.",
+            details=[{"field": "diarize", "message": "Not available yet."}],
+        )
+    budget_check(tenant=tenant, ctx=ctx)
+    backend = policy_resolve_backend(
+        policy=policy_get_or_provision(tenant=tenant), preference=backend_preference, is_available=stream_backend_available
+    )
+    session_id = f"str_{uuid.uuid4().hex}"
+    audit_record(ctx=ctx, action="stream.open", resource_type="stream_session", resource_id=session_id, details={"backend": backend})
+    return StreamGrant(
+        key_id=key.pk,
+        tenant_id=tenant.pk,
+        user_id=membership.user_id,
+        session_id=session_id,
+        backend=backend,
+        expires_at=timezone.now() + timedelta(seconds=settings.SCAIECHO_STREAM_MAX_SESSION_SECONDS),
+    )
+
+
+def stream_worker_pick() -> str:
+    """A live stream worker's channel for a new session (spread at random), or 502."""
+    worker = (
+        SpeechWorker.objects.filter(kind=SpeechWorker.Kind.STREAM, expires_at__gt=timezone.now()).order_by("?").first()
+    )
+    if worker is None:
+        raise errors.BackendUnavailable("No stream worker is available.")
+    return worker.worker_id
+
+
+def stream_worker_alive(*, worker_id: str) -> bool:
+    return SpeechWorker.objects.filter(worker_id=worker_id, expires_at__gt=timezone.now()).exists()
+
+
+def stream_still_allowed(*, grant: StreamGrant) -> None:
+    """Re-checked during a session: a revoked key ends it (4401), an exhausted budget too (4429)."""
+    key = ApiKey.objects.select_related("membership__tenant").filter(pk=grant.key_id, revoked_at__isnull=True).first()
+    if key is None:
+        raise errors.AuthTokenInvalid("The API key was revoked.")
+    budget_check(tenant=key.membership.tenant)
+
+
+def stream_finish(*, grant: StreamGrant, ctx: ActorContext, audio_duration_ms: int, latency_ms: int, outcome: str) -> None:
+    """One usage record per session, for the audio actually received, and the audit row."""
+    key = ApiKey.objects.select_related("membership__tenant", "membership__user").get(pk=grant.key_id)
+    tenant = key.membership.tenant
+    if audio_duration_ms > 0:
+        usage_record(
+            tenant=tenant,
+            user=key.membership.user,
+            api_key=key,
+            backend=grant.backend,
+            kind="stream",
+            audio_duration_ms=audio_duration_ms,
+            latency_ms=latency_ms,
+            reference=grant.session_id,
+        )
+    audit_record(
+        ctx=ctx,
+        tenant=tenant,
+        action="stream.close",
+        outcome=AuditEvent.Outcome.SUCCESS if outcome == "closed" else AuditEvent.Outcome.FAILURE,
+        resource_type="stream_session",
+        resource_id=grant.session_id,
+        details={"audio_duration_ms": audio_duration_ms, "outcome": outcome},
+    )
+
+
+def wav_bytes(samples: np.ndarray, *, rate: int = 16_000) -> bytes:
+    """16-bit mono WAV of float samples, the format a relay surely accepts."""
+    pcm = (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2").tobytes()
+    out = io.BytesIO()
+    with wave.open(out, "wb") as writer:
+        writer.setnchannels(1)
+        writer.setsampwidth(2)
+        writer.setframerate(rate)
+        writer.writeframes(pcm)
+    return out.getvalue()

@@ -1,0 +1,608 @@
+"""Live transcription of one audio stream: voice activity detection, partial and final deltas.
+
+A :class:`StreamSession` takes 16 kHz mono float32 samples as they arrive and returns
+:class:`Delta` objects. Silero VAD finds speech; while someone speaks, the current span (the audio
+since the last final) is decoded about every ``partial_interval`` seconds and its whole text sent
+as a partial. Two consecutive decodes that agree on a word prefix confirm it (LocalAgreement-2);
+a confirmed prefix ending at a clause boundary, or any confirmed prefix once the span is longer
+than ``chunk_seconds``, becomes a final and the audio is cut after its last word. A pause of
+``silence_seconds`` finalizes the whole span. Finals are never changed or sent again.
+
+Cost: openai-whisper always encodes a 30 s window, about 2-3 s of compute on one core of the
+2-core machines this runs on, whatever the span's length. :class:`ShortWindowWhisper` encodes only
+the span plus a margin (whisper.cpp's ``audio_ctx`` trick), which is several times cheaper for
+the short spans a stream decodes. Nothing here imports Django.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from transcription.backends.base import Segment, TranscriptionResult, Word
+
+SAMPLE_RATE = 16_000
+VAD_FRAME = 512  # silero-vad's frame at 16 kHz: 32 ms
+_VAD_CONTEXT = 64  # samples of the previous frame silero prepends to each frame
+
+# Whisper's well-known inventions for silence, music and noise (its training data's subtitles).
+HALLUCINATIONS = (
+    "thanks for watching",
+    "thank you for watching",
+    "thank you",
+    "subtitles by",
+    "subscribe",
+    "please subscribe",
+    "like and subscribe",
+    "see you next time",
+    "bye",
+    "you",
+    "amara.org",
+    "transcribed by",
+    "captions by",
+)
+# Below this RMS (about -40 dBFS) a blocklisted phrase is taken for a hallucination.
+_QUIET_RMS = 0.01
+_CLAUSE_END = re.compile(r"[.!?;:,]$")
+
+
+class SpeechEngine(Protocol):
+    def transcribe(
+        self,
+        samples: np.ndarray,
+        *,
+        language: str | None = ...,
+        temperature: float | None = ...,
+        word_timestamps: bool = ...,
+        initial_prompt: str | None = ...,
+    ) -> TranscriptionResult: ...
+
+
+@dataclass(frozen=True)
+class Delta:
+    """One transcript update. ``start``/``end`` are seconds from the start of the stream.
+
+    ``confidence`` is ``exp`` of the mean token log probability of the decode (0-1, higher is
+    surer); ``None`` when the engine reports no log probabilities.
+    """
+
+    text: str
+    is_final: bool
+    start: float
+    end: float
+    confidence: float | None = None
+
+
+# --- voice activity detection ------------------------------------------------------------------
+
+
+@cache
+def _silero_model() -> Any:
+    """The packaged silero-vad JIT model, loaded once per process (no download)."""
+    from silero_vad import load_silero_vad
+
+    model = load_silero_vad()
+    model.eval()
+    return model
+
+
+_vad_lock = threading.Lock()
+
+
+class Vad:
+    """Speech probabilities for consecutive 512-sample frames of one stream.
+
+    The silero model is shared by the process; the recurrent state and the 64-sample context that
+    silero's own wrapper keeps inside the (shared) module are kept here instead, per stream, by
+    calling its inner 16 kHz network directly.
+    """
+
+    def __init__(self) -> None:
+        self._net = _silero_model()._model
+        self.reset()
+
+    def reset(self) -> None:
+        self._state = torch.zeros(2, 1, 128)
+        self._context = torch.zeros(1, _VAD_CONTEXT)
+
+    def probability(self, frame: np.ndarray) -> float:
+        x = torch.from_numpy(np.ascontiguousarray(frame, dtype=np.float32)).reshape(1, VAD_FRAME)
+        x = torch.cat([self._context, x], dim=1)
+        with _vad_lock, torch.inference_mode():
+            out, self._state = self._net(x, self._state)
+        self._context = x[:, -_VAD_CONTEXT:]
+        return float(out.item())
+
+
+# --- a cheaper Whisper decode for short spans -------------------------------------------------
+
+
+class _TrimmedEncoder(torch.nn.Module):
+    def __init__(self, encoder: torch.nn.Module, n_frames: int) -> None:
+        super().__init__()
+        self.inner = encoder
+        self.n_frames = n_frames
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        enc = self.inner
+        x = F.gelu(enc.conv1(mel[..., : self.n_frames]))
+        x = F.gelu(enc.conv2(x)).permute(0, 2, 1)
+        x = (x + enc.positional_embedding[: x.shape[1]]).to(x.dtype)
+        for block in enc.blocks:
+            x = block(x)
+        return enc.ln_post(x)
+
+
+class _ShortModel:
+    """The Whisper model seen through an encoder that reads only the first ``n_frames``."""
+
+    def __init__(self, model: Any, n_frames: int) -> None:
+        self._model = model
+        self.encoder = _TrimmedEncoder(model.encoder, n_frames)
+        self.decoder = model.decoder
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def __call__(self, mel: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self.decoder(tokens, self.encoder(mel))
+
+
+class ShortWindowWhisper:
+    """Decode a short span with a :class:`~transcription.backends.whisper.WhisperEngine`'s model,
+    encoding the span plus ``margin_s`` (at least ``min_window_s``) instead of 30 s.
+
+    Whisper was trained on 30 s windows; with less than about a second of trailing padding it
+    can loop ("qu qu qu ..."), hence the margin, the token cap proportional to the span, and the
+    compression-ratio check in :class:`StreamSession`. One decode at temperature 0, no fallback.
+    It takes the engine's own lock, because Whisper's kv-cache hooks are per model, not per call.
+    """
+
+    def __init__(self, engine: Any, *, margin_s: float = 1.5, min_window_s: float = 4.0) -> None:
+        self.engine = engine
+        self.margin_s = margin_s
+        self.min_window_s = min_window_s
+
+    def warm_up(self) -> None:
+        """Load the model and compile Whisper's word-alignment code (numba, several seconds on the
+        first call in a process), so the first live cut does not stall. Call at worker start-up."""
+        t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
+        tone = (0.1 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+        self.transcribe(tone, language="en", word_timestamps=True)
+        from whisper.timing import dtw
+
+        dtw(torch.rand(4, 4))
+
+    def transcribe(
+        self,
+        samples: np.ndarray,
+        *,
+        language: str | None = None,
+        temperature: float | None = 0.0,
+        word_timestamps: bool = False,
+        initial_prompt: str | None = None,
+    ) -> TranscriptionResult:
+        import whisper
+        from whisper.timing import find_alignment
+        from whisper.tokenizer import get_tokenizer
+
+        samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+        duration = samples.size / SAMPLE_RATE
+        model = self.engine.load().model
+        window = min(30.0, max(self.min_window_s, float(np.ceil(duration + self.margin_s))))
+        n_frames = int(window * 100)
+        padded = np.zeros(int(window * SAMPLE_RATE), dtype=np.float32)
+        padded[: min(samples.size, padded.size)] = samples[: padded.size]
+        short = _ShortModel(model, n_frames)
+        options = whisper.DecodingOptions(
+            task="transcribe",
+            language=language,
+            temperature=float(temperature or 0.0),
+            without_timestamps=True,
+            # Speech is ~3 words (~4 tokens) a second; a cap well above that stops loops early.
+            sample_len=int(12 + 8 * duration),
+            prompt=initial_prompt or None,
+            fp16=False,
+        )
+        lock = getattr(self.engine, "_lock", None) or contextlib.nullcontext()
+        with lock, torch.inference_mode():
+            if str(model.device) == "cpu":
+                torch.set_num_threads(getattr(self.engine, "cpu_threads", 1))
+            mel = whisper.log_mel_spectrogram(padded, model.dims.n_mels).to(model.device)
+            mel = mel[:, :n_frames]
+            decoded = whisper.decode(short, mel, options)
+            words = None
+            if word_timestamps and decoded.text.strip():
+                tokenizer = get_tokenizer(
+                    model.is_multilingual, num_languages=model.num_languages, language=language, task="transcribe"
+                )
+                text_tokens = [t for t in decoded.tokens if t < tokenizer.eot]
+                timings = find_alignment(short, tokenizer, text_tokens, mel, samples.size // 160)
+                words = _merge_words(
+                    [(t.word, float(t.start), float(t.end), float(t.probability)) for t in timings], duration
+                )
+        text = decoded.text.strip()
+        segments = (
+            [
+                Segment(
+                    start=0.0,
+                    end=round(duration, 3),
+                    text=text,
+                    words=words,
+                    avg_logprob=float(decoded.avg_logprob),
+                    no_speech_prob=float(decoded.no_speech_prob),
+                )
+            ]
+            if text
+            else []
+        )
+        return TranscriptionResult(text=text, language=language, duration_s=duration, segments=segments)
+
+
+def _merge_words(raw: list[tuple[str, float, float, float]], duration: float) -> list[Word]:
+    """Whisper's alignment splits punctuation into its own "words"; glue it to its neighbour."""
+    words: list[Word] = []
+    for text, start, end, prob in raw:
+        stripped = text.strip()
+        if not stripped:
+            continue
+        if words and (not text.startswith(" ") or not any(c.isalnum() for c in stripped)):
+            last = words[-1]
+            words[-1] = Word(start=last.start, end=max(last.end, end), word=last.word + stripped, probability=last.probability)
+            continue
+        words.append(Word(start=min(start, duration), end=min(end, duration), word=stripped, probability=prob))
+    return words
+
+
+def default_decoder(engine: Any) -> SpeechEngine:
+    """The short-window decoder for an in-process Whisper engine; any other engine as it is."""
+    loader = getattr(engine, "load", None)
+    if callable(loader) and hasattr(engine, "cpu_threads"):
+        return ShortWindowWhisper(engine)
+    return engine
+
+
+# --- the session ---------------------------------------------------------------------------------
+
+
+def _key(word: str) -> str:
+    return re.sub(r"[^\w']", "", word.lower())
+
+
+def _cut_repetition(text: str) -> str:
+    """Whisper on a window that ends mid-speech sometimes loops ("sunny tomorrow. The weather will
+    be sunny tomorrow. The weather ..."): keep the text up to where a phrase starts repeating."""
+    words = text.split()
+    keys = [_key(w) for w in words]
+    n = len(words)
+    for i in range(n):
+        for k in range(1, (n - i) // 2 + 1):
+            times = 2 if k >= 3 else 3
+            if i + k * times <= n and all(keys[i + j * k : i + (j + 1) * k] == keys[i : i + k] for j in range(times)):
+                return " ".join(words[: i + k])
+    return text
+
+
+def _compression_ratio(text: str) -> float:
+    data = text.encode()
+    return len(data) / max(1, len(zlib.compress(data)))
+
+
+@dataclass
+class _Hypothesis:
+    words: list[Word]
+    confidence: float | None
+
+
+@dataclass
+class DecodeStats:
+    """Compute spent decoding, for benchmarks and the stream worker's metrics."""
+
+    count: int = 0
+    seconds: float = 0.0
+    samples: list[tuple[float, float]] = field(default_factory=list)  # (span seconds, compute seconds)
+
+
+class StreamSession:
+    """One live stream's transcription state. Not thread-safe: one caller feeds a session.
+
+    ``feed(samples, now)``: ``now`` is the caller's clock in stream seconds when the audio is
+    handed over (``None``: assume real time). When ``now`` runs ahead of the audio by more than
+    ``max_lag`` — the worker is behind — partial decodes are skipped and only finals are made,
+    so a loaded worker sheds work instead of falling further behind.
+    """
+
+    def __init__(
+        self,
+        engine: Any,
+        *,
+        chunk_seconds: float = 5.0,
+        silence_seconds: float = 0.5,
+        partial_interval: float = 1.0,
+        language: str | None = "en",
+        start_threshold: float = 0.5,
+        stop_threshold: float = 0.35,
+        min_speech_seconds: float = 0.25,
+        speech_pad_seconds: float = 0.2,
+        max_lag: float = 1.0,
+        no_speech_threshold: float = 0.6,
+        logprob_threshold: float = -1.0,
+        decoder: SpeechEngine | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        if not 0.5 <= chunk_seconds <= 30:
+            raise ValueError("chunk_seconds must be between 0.5 and 30")
+        self.decoder = decoder or default_decoder(engine)
+        self.chunk_seconds = chunk_seconds
+        self.silence_seconds = silence_seconds
+        self.partial_interval = partial_interval
+        self.language = language
+        self.start_threshold = start_threshold
+        self.stop_threshold = stop_threshold
+        self.min_speech = int(min_speech_seconds * SAMPLE_RATE)
+        self.pad = int(speech_pad_seconds * SAMPLE_RATE)
+        self.max_lag = max_lag
+        self.no_speech_threshold = no_speech_threshold
+        self.logprob_threshold = logprob_threshold
+        self.stats = DecodeStats()
+        self._clock = clock
+        self._vad = Vad()
+        self._pending = np.zeros(0, dtype=np.float32)  # samples not yet a whole VAD frame
+        self._history = np.zeros(0, dtype=np.float32)  # recent audio outside speech (for padding)
+        self._pos = 0  # samples of the stream seen by the VAD
+        self._span: list[np.ndarray] = []
+        self._span_start = 0  # stream sample where the current span starts
+        self._span_len = 0
+        self._speech_len = 0  # speech samples in the current span
+        self._in_speech = False
+        self._silence_run = 0
+        self._last_decode_len = 0
+        self._previous: list[Word] | None = None
+        # The latest decode of the span covering its first ``_last_decode_len`` samples: reused as
+        # the final when the speaker stops after it, so a pause costs no decode of its own.
+        self._last_hyp: _Hypothesis | None = None
+        self._context = ""  # finalized text, the decoder's prompt
+        self._last_final_end = 0.0
+        self._closed = False
+
+    # public API
+
+    def feed(self, samples: np.ndarray, now: float | None = None) -> list[Delta]:
+        if self._closed:
+            raise RuntimeError("session is closed")
+        samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+        self._pending = np.concatenate([self._pending, samples])
+        deltas: list[Delta] = []
+        n = self._pending.size // VAD_FRAME
+        for i in range(n):
+            frame = self._pending[i * VAD_FRAME : (i + 1) * VAD_FRAME]
+            deltas += self._frame(frame)
+        self._pending = self._pending[n * VAD_FRAME :]
+        if self._in_speech and self._speech_len >= self.min_speech and self._partial_due(now):
+            deltas += self._decode_partial()
+        return deltas
+
+    def _partial_due(self, now: float | None) -> bool:
+        if now is not None and now - self._pos / SAMPLE_RATE > self.max_lag:
+            return False  # behind real time: finals only
+        new = self._span_len - self._last_decode_len
+        if self._last_decode_len == 0:
+            # The first partial comes early, so a speaker sees words within about a second.
+            return new >= min(self.partial_interval, 0.6) * SAMPLE_RATE
+        if new >= self.partial_interval * SAMPLE_RATE:
+            return True
+        # A pause has begun and the last decode missed the end of the speech: decode now, so the
+        # final at the end of the pause can reuse this decode instead of starting one.
+        speech_end = self._span_len - self._silence_run
+        return self._silence_run >= 0.2 * SAMPLE_RATE and self._last_decode_len < speech_end
+
+
+    def finalize(self) -> list[Delta]:
+        """Emit everything heard so far as finals (the client's ``finalize``); the stream goes on."""
+        deltas: list[Delta] = []
+        if self._pending.size:
+            frame = np.zeros(VAD_FRAME, dtype=np.float32)
+            frame[: self._pending.size] = self._pending
+            self._pending = np.zeros(0, dtype=np.float32)
+            deltas += self._frame(frame)
+        if self._in_speech:
+            deltas += self._end_utterance()
+        return deltas
+
+    def close(self) -> list[Delta]:
+        deltas = self.finalize()
+        self._closed = True
+        return deltas
+
+    # VAD state machine
+
+    def _frame(self, frame: np.ndarray) -> list[Delta]:
+        prob = self._vad.probability(frame)
+        self._pos += VAD_FRAME
+        if not self._in_speech:
+            if prob >= self.start_threshold:
+                self._in_speech = True
+                pre = self._history[-self.pad :] if self.pad else self._history[:0]
+                self._span = [pre.copy(), frame.copy()]
+                self._span_start = self._pos - VAD_FRAME - pre.size
+                self._span_len = pre.size + VAD_FRAME
+                self._speech_len = VAD_FRAME
+                self._silence_run = 0
+                self._last_decode_len = 0
+                self._previous = None
+                self._last_hyp = None
+            else:
+                self._history = np.concatenate([self._history, frame])[-max(self.pad, VAD_FRAME) :]
+            return []
+        self._span.append(frame.copy())
+        self._span_len += VAD_FRAME
+        if prob >= self.stop_threshold:
+            self._speech_len += VAD_FRAME
+            self._silence_run = 0
+        else:
+            self._silence_run += VAD_FRAME
+            if self._silence_run >= self.silence_seconds * SAMPLE_RATE:
+                return self._end_utterance()
+        return []
+
+    # decoding
+
+    def _audio(self) -> np.ndarray:
+        audio = np.concatenate(self._span) if self._span else np.zeros(0, dtype=np.float32)
+        self._span = [audio]
+        return audio
+
+    def _decode(self, audio: np.ndarray, *, word_timestamps: bool) -> _Hypothesis:
+        started = self._clock()
+        result = self.decoder.transcribe(
+            audio,
+            language=self.language,
+            temperature=0.0,
+            word_timestamps=word_timestamps,
+            initial_prompt=self._context[-200:] or None,
+        )
+        spent = self._clock() - started
+        self.stats.count += 1
+        self.stats.seconds += spent
+        self.stats.samples.append((audio.size / SAMPLE_RATE, spent))
+        return self._filter(result, audio)
+
+    def _filter(self, result: TranscriptionResult, audio: np.ndarray) -> _Hypothesis:
+        """Drop what Whisper says when there was nothing to say (its usual hallucinations)."""
+        rms = float(np.sqrt(np.mean(audio**2))) if audio.size else 0.0
+        words: list[Word] = []
+        logprobs: list[float] = []
+        for seg in result.segments:
+            text = _cut_repetition(seg.text)
+            if text != seg.text:
+                seg = Segment(start=seg.start, end=seg.end, text=text, avg_logprob=seg.avg_logprob,
+                              no_speech_prob=seg.no_speech_prob,
+                              words=seg.words[: len(text.split())] if seg.words else None)
+            if (
+                seg.no_speech_prob is not None
+                and seg.avg_logprob is not None
+                and seg.no_speech_prob > self.no_speech_threshold
+                and seg.avg_logprob < self.logprob_threshold
+            ):
+                continue
+            if seg.avg_logprob is not None and seg.avg_logprob < self.logprob_threshold - 0.5:
+                continue
+            if _compression_ratio(seg.text) > 2.4:  # a repetition loop
+                continue
+            if not any(c.isalnum() for c in seg.text):  # "♪", "..."
+                continue
+            if rms < _QUIET_RMS and re.sub(r"[^\w' ]", "", seg.text.lower()).strip() in HALLUCINATIONS:
+                continue
+            if seg.avg_logprob is not None:
+                logprobs.append(seg.avg_logprob)
+            if seg.words:
+                words += seg.words
+            else:
+                words += [Word(start=seg.start, end=seg.end, word=w) for w in seg.text.split()]
+        confidence = round(float(np.exp(np.mean(logprobs))), 3) if logprobs else None
+        return _Hypothesis(words=words, confidence=confidence)
+
+    def _decode_partial(self) -> list[Delta]:
+        audio = self._audio()
+        self._last_decode_len = self._span_len
+        span_s = audio.size / SAMPLE_RATE
+        # Word times are needed only where a cut may follow: a previous hypothesis with a clause
+        # boundary, or a span past chunk_seconds.
+        previous = self._previous or []
+        want_times = span_s >= self.chunk_seconds or any(_CLAUSE_END.search(w.word) for w in previous[:-1])
+        hyp = self._decode(audio, word_timestamps=want_times)
+        deltas: list[Delta] = []
+        if want_times and self._previous is not None:
+            deltas += self._commit_agreed(hyp, span_s)
+        else:
+            self._previous = hyp.words
+        self._last_hyp = _Hypothesis(self._previous or [], hyp.confidence)
+        if self._previous:
+            text = " ".join(w.word for w in self._previous)
+            start = self._span_start / SAMPLE_RATE
+            end = start + self._span_len / SAMPLE_RATE
+            deltas.append(Delta(text, False, round(start, 3), round(end, 3), hyp.confidence))
+        return deltas
+
+    def _commit_agreed(self, hyp: _Hypothesis, span_s: float) -> list[Delta]:
+        """LocalAgreement-2: finalize the confirmed prefix up to its last clause boundary, or all
+        of it once the span is past ``chunk_seconds``, and cut the audio after it."""
+        previous = self._previous or []
+        agreed = 0
+        while agreed < min(len(previous), len(hyp.words)) and _key(previous[agreed].word) == _key(hyp.words[agreed].word):
+            agreed += 1
+        # The last word of a decode is often cut mid-word; never commit it alone by agreement.
+        agreed = min(agreed, len(hyp.words) - 1)
+        cut = 0
+        for i in range(agreed):
+            if _CLAUSE_END.search(hyp.words[i].word):
+                cut = i + 1
+        if span_s >= self.chunk_seconds:
+            cut = max(cut, agreed)
+            if cut == 0 and span_s >= 2 * self.chunk_seconds and len(hyp.words) > 2:
+                cut = len(hyp.words) - 2  # no agreement for too long: keep the span bounded
+        if cut == 0:
+            self._previous = hyp.words
+            return []
+        committed = hyp.words[:cut]
+        cut_samples = min(int(committed[-1].end * SAMPLE_RATE), self._span_len)
+        if cut_samples <= 0:
+            self._previous = hyp.words
+            return []
+        delta = self._final(committed, self._span_start + cut_samples, hyp.confidence)
+        audio = self._audio()[cut_samples:]
+        self._span = [audio]
+        self._span_start += cut_samples
+        self._span_len = audio.size
+        self._last_decode_len = self._span_len
+        self._speech_len = max(0, self._speech_len - cut_samples)
+        self._previous = [
+            Word(start=max(0.0, w.start - cut_samples / SAMPLE_RATE), end=max(0.0, w.end - cut_samples / SAMPLE_RATE), word=w.word)
+            for w in hyp.words[cut:]
+        ]
+        return [delta] if delta else []
+
+    def _end_utterance(self) -> list[Delta]:
+        """A pause (or a flush): decode the span once more and finalize all of it."""
+        audio = self._audio()
+        # Trailing silence beyond the padding only costs decode time (and invites inventions).
+        keep = min(audio.size, max(0, audio.size - self._silence_run + self.pad))
+        audio = audio[:keep]
+        deltas: list[Delta] = []
+        if self._speech_len >= self.min_speech and audio.size:
+            hyp = self._last_hyp
+            if hyp is None or self._last_decode_len < audio.size - self.pad:
+                hyp = self._decode(audio, word_timestamps=False)
+            delta = self._final(hyp.words, self._span_start + audio.size, hyp.confidence)
+            if delta:
+                deltas.append(delta)
+        self._in_speech = False
+        self._span = []
+        self._span_len = 0
+        self._speech_len = 0
+        self._silence_run = 0
+        self._previous = None
+        self._last_hyp = None
+        self._history = np.zeros(0, dtype=np.float32)  # no padding taken from before this end
+        return deltas
+
+    def _final(self, words: list[Word], end_sample: int, confidence: float | None) -> Delta | None:
+        text = " ".join(w.word for w in words).strip()
+        if not text:
+            return None
+        start = max(self._span_start / SAMPLE_RATE, self._last_final_end)
+        end = max(start, end_sample / SAMPLE_RATE)
+        self._last_final_end = end
+        self._context = (self._context + " " + text).strip()[-400:]
+        return Delta(text, True, round(start, 3), round(end, 3), confidence)

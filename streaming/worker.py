@@ -1,0 +1,232 @@
+"""The stream worker: owns one Whisper model and the live sessions pinned to it (Backend A).
+
+Consumers (web processes) send a session's audio to the worker's channel on the channel layer;
+the worker runs each session's :class:`~streaming.transcriber.StreamSession` and sends the deltas
+back to the consumer's channel. With ``REDIS_URL`` set, web processes and stream workers are
+separate processes (``python manage.py stream_worker``), any number of each; with the embedded
+in-memory channel layer, one worker runs inside the web process, started by the first stream.
+
+All sessions of a worker share one inference thread (one model): each feed is a short unit of
+work, queued in arrival order, so one busy session cannot starve the others.
+
+Messages, consumer → worker: ``session.open`` (session_id, reply_to, language, chunk_seconds),
+``session.audio`` (session_id, pcm: s16le 16 kHz mono bytes), ``session.finalize``,
+``session.close``. Worker → consumer: ``stream.delta`` (the delta's fields), ``stream.flushed``,
+``stream.closed``, ``stream.error`` (code, message).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from asgiref.sync import sync_to_async
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.db import close_old_connections
+
+from transcription.models import SpeechWorker
+
+logger = logging.getLogger("scaiecho.stream_worker")
+
+CHANNEL_PREFIX = "scaiecho.streamworker."
+
+
+def pcm_to_float(pcm: bytes) -> np.ndarray:
+    return np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
+
+
+def float_to_pcm(samples: np.ndarray) -> bytes:
+    return (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2").tobytes()
+
+
+@dataclass
+class _Session:
+    reply_to: str
+    transcriber: Any
+    started: float = field(default_factory=time.monotonic)
+    inbox: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
+    task: asyncio.Task[None] | None = None
+
+
+class StreamWorker:
+    def __init__(self, *, engine: Any = None) -> None:
+        self.layer = get_channel_layer()
+        self.engine = engine
+        self.sessions: dict[str, _Session] = {}
+        self.inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scaiecho-inference")
+        self.channel = ""
+        self.stopping = asyncio.Event()
+
+    # --- life cycle ---------------------------------------------------------------------------
+
+    async def start(self) -> str:
+        """Take a channel, announce the worker, and load the model (in the inference thread)."""
+        self.channel = await self.layer.new_channel(CHANNEL_PREFIX)
+        await self.heartbeat()
+        # Keep announcing while the model loads (longer than the heartbeat's TTL).
+        self.beats = asyncio.create_task(self._beat_forever())
+        await asyncio.get_running_loop().run_in_executor(self.inference, self._load_model)
+        return self.channel
+
+    def _load_model(self) -> None:
+        from streaming.transcriber import _silero_model, default_decoder
+        from transcription.engine import whisper_engine
+
+        if self.engine is None:
+            self.engine = whisper_engine()
+        self.engine.load()
+        _silero_model()
+        warm_up = getattr(default_decoder(self.engine), "warm_up", None)
+        if warm_up is not None:  # compiles Whisper's alignment code now, not in a live session
+            warm_up()
+
+    async def heartbeat(self) -> None:
+        from transcription.services import worker_heartbeat
+
+        def beat() -> None:
+            close_old_connections()
+            worker_heartbeat(
+                worker_id=self.channel,
+                kind=SpeechWorker.Kind.STREAM,
+                hostname=socket.gethostname(),
+                model_name=settings.SCAIECHO_WHISPER_MODEL,
+                device=settings.SCAIECHO_WHISPER_DEVICE or "auto",
+                ttl_seconds=settings.SCAIECHO_STREAM_WORKER_TTL_SECONDS,
+            )
+
+        await sync_to_async(beat, thread_sensitive=False)()
+
+    async def run(self) -> None:
+        """Serve until ``stopping`` is set; then tell every session's client and retire."""
+        beats = getattr(self, "beats", None) or asyncio.create_task(self._beat_forever())
+        try:
+            while not self.stopping.is_set():
+                receive = asyncio.create_task(self.layer.receive(self.channel))
+                stop = asyncio.create_task(self.stopping.wait())
+                done, _ = await asyncio.wait({receive, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if receive not in done:
+                    receive.cancel()
+                    continue
+                stop.cancel()
+                try:
+                    message = receive.result()
+                except Exception:  # a dropped Redis connection: log, breathe, listen again
+                    logger.exception("stream worker could not read its channel")
+                    await asyncio.sleep(0.5)
+                    continue
+                await self.dispatch(message)
+        finally:
+            beats.cancel()
+            for session_id, session in list(self.sessions.items()):
+                await self.send(session.reply_to, {"type": "stream.error", "code": "BACKEND_ERROR", "message": "The stream worker is shutting down."})
+                self._drop(session_id)
+            await sync_to_async(self._retire, thread_sensitive=False)()
+            self.inference.shutdown(wait=False, cancel_futures=True)
+
+    def _retire(self) -> None:
+        from transcription.services import worker_retire
+
+        close_old_connections()
+        worker_retire(worker_id=self.channel)
+
+    async def _beat_forever(self) -> None:
+        interval = max(0.5, settings.SCAIECHO_STREAM_WORKER_TTL_SECONDS / 3)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.heartbeat()
+            except Exception:  # a database hiccup must not stop the worker
+                logger.exception("stream worker heartbeat failed")
+
+    # --- messages -----------------------------------------------------------------------------
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        session_id = message.get("session_id", "")
+        if message.get("type") == "session.open":
+            await self.open(session_id, message)
+            return
+        session = self.sessions.get(session_id)
+        if session is None:
+            reply_to = message.get("reply_to")
+            if reply_to:
+                await self.send(reply_to, {"type": "stream.error", "code": "BACKEND_ERROR", "message": "Unknown stream session."})
+            return
+        session.inbox.put_nowait(message)
+
+    async def open(self, session_id: str, message: dict[str, Any]) -> None:
+        from streaming.transcriber import StreamSession
+
+        transcriber = StreamSession(
+            self.engine, chunk_seconds=float(message.get("chunk_seconds", 5.0)), language=message.get("language") or None
+        )
+        session = _Session(reply_to=message["reply_to"], transcriber=transcriber)
+        session.task = asyncio.create_task(self._serve(session_id, session))
+        self.sessions[session_id] = session
+
+    async def _serve(self, session_id: str, session: _Session) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                message = await session.inbox.get()
+                kind = message["type"]
+                if kind == "session.audio":
+                    now = time.monotonic() - session.started
+                    samples = pcm_to_float(message["pcm"])
+                    deltas = await loop.run_in_executor(self.inference, session.transcriber.feed, samples, now)
+                elif kind == "session.finalize":
+                    deltas = await loop.run_in_executor(self.inference, session.transcriber.finalize)
+                elif kind == "session.close":
+                    deltas = await loop.run_in_executor(self.inference, session.transcriber.close)
+                else:
+                    continue
+                for delta in deltas:
+                    await self.send(session.reply_to, {"type": "stream.delta", **asdict(delta)})
+                if kind == "session.finalize":
+                    await self.send(session.reply_to, {"type": "stream.flushed"})
+                elif kind == "session.close":
+                    await self.send(session.reply_to, {"type": "stream.closed"})
+                    self._drop(session_id)
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("stream session %s failed", session_id)
+            await self.send(session.reply_to, {"type": "stream.error", "code": "BACKEND_ERROR", "message": "Transcription failed."})
+            self._drop(session_id)
+
+    def _drop(self, session_id: str) -> None:
+        session = self.sessions.pop(session_id, None)
+        if session is not None and session.task is not None and session.task is not asyncio.current_task():
+            session.task.cancel()
+
+    async def send(self, channel: str, message: dict[str, Any]) -> None:
+        try:
+            await self.layer.send(channel, message)
+        except Exception:  # the client is gone or its channel is full: its consumer gives up too
+            logger.warning("could not reach stream client %s", channel)
+
+
+_embedded: StreamWorker | None = None
+_embedded_lock = asyncio.Lock()
+
+
+async def ensure_embedded_worker() -> None:
+    """With the in-memory channel layer, run one stream worker inside this (web) process."""
+    global _embedded
+    if "InMemoryChannelLayer" not in settings.CHANNEL_LAYERS["default"]["BACKEND"]:
+        return
+    async with _embedded_lock:
+        if _embedded is None:
+            worker = StreamWorker()
+            await worker.start()
+            asyncio.get_running_loop().create_task(worker.run())
+            _embedded = worker
+            logger.info("embedded stream worker %s started in process %d", worker.channel, os.getpid())

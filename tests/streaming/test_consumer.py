@@ -1,0 +1,402 @@
+"""The live streaming protocol, as a WebSocket client sees it (contract section 4).
+
+The consumer runs in-process through Channels' ``WebsocketCommunicator``; Backend B is a real
+local server speaking OpenAI's transcription protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.routing import URLRouter
+from channels.testing import WebsocketCommunicator
+from django.db import connections
+
+from streaming.middleware import TokenScopeMiddleware
+from streaming.routing import websocket_urlpatterns
+from tenants.context import system_actor
+from tenants.models import Role, TenantBudget, TenantPolicy, UsageRecord
+from tenants.services import api_key_revoke
+from tests.factories import IssuedKey, KeyFactory
+from tests.relay_server import DEFAULT_VERBOSE_JSON, RelayServer
+from tests.speech import synth_speech
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+PATH = "/v1/modules/scaiecho/stream/transcribe"
+RELAY_KEY = "stream-relay-key"
+APP = TokenScopeMiddleware(URLRouter(websocket_urlpatterns))
+
+
+@pytest.fixture(scope="module")
+def relay_server() -> Iterator[RelayServer]:
+    with RelayServer(api_key=RELAY_KEY) as server:
+        yield server
+
+
+@pytest.fixture
+def relay(relay_server: RelayServer, settings) -> Iterator[RelayServer]:
+    settings.SCAIECHO_RELAY_BASE_URL = relay_server.base_url
+    settings.SCAIECHO_RELAY_API_KEY = RELAY_KEY
+    relay_server.requests.clear()
+    relay_server.mode = "static"
+    yield relay_server
+    relay_server.mode = "static"
+    relay_server.static_body = DEFAULT_VERBOSE_JSON
+
+
+@pytest.fixture(scope="module")
+def speech_wav() -> bytes:
+    return synth_speech("Good morning everyone. Today we will review the quarterly budget.")
+
+
+def issue(role: str = Role.TENANT_VIEWER, *, policy: tuple[str, str] = ("B", "B")) -> IssuedKey:
+    key = KeyFactory.issue(role=role)
+    TenantPolicy.objects.create(tenant=key.tenant, allowed_backends=policy[0], default_backend=policy[1])
+    return key
+
+
+class Client:
+    """A WebSocket client: frames go out, frames and the close code come back."""
+
+    def __init__(self, path: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        self.ws = WebsocketCommunicator(APP, path, headers=headers or [])
+
+    async def __aenter__(self) -> Client:
+        connected, _ = await self.ws.connect()
+        assert connected
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.ws.disconnect()
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        await self.ws.send_to(text_data=json.dumps(frame))
+
+    async def send_audio(self, data: bytes, frame_size: int = 8192) -> None:
+        for offset in range(0, len(data), frame_size):
+            await self.ws.send_to(bytes_data=data[offset : offset + frame_size])
+
+    async def frames_until_close(self, wait: float = 30) -> tuple[list[dict[str, Any]], int]:
+        frames: list[dict[str, Any]] = []
+        while True:
+            output = await self.ws.receive_output(timeout=wait)
+            if output["type"] == "websocket.close":
+                return frames, output.get("code", 1000)
+            frames.append(json.loads(output["text"]))
+
+    async def next_frame(self, wait: float = 30) -> dict[str, Any]:
+        output = await self.ws.receive_output(timeout=wait)
+        assert output["type"] == "websocket.send", output
+        return json.loads(output["text"])
+
+
+def run(scenario: Any) -> Any:
+    async def and_close_connections() -> Any:
+        try:
+            return await scenario
+        finally:
+            # The consumer's database calls ran on asgiref's shared thread; close its connection
+            # there, or the test database could not be dropped at the end of the run.
+            await sync_to_async(connections.close_all)()
+
+    return asyncio.run(and_close_connections())
+
+
+def assert_error_close(frames: list[dict[str, Any]], code: int, close: int, expected_code: str) -> dict[str, Any]:
+    assert code == close, frames
+    assert frames[-1]["type"] == "error", frames
+    assert frames[-1]["code"] == expected_code
+    assert frames[-1]["message"]
+    return frames[-1]
+
+
+def test_missing_token_is_4401_after_accept():
+    async def scenario():
+        async with Client(PATH) as client:
+            return await client.frames_until_close()
+
+    frames, code = run(scenario())
+    assert_error_close(frames, code, 4401, "AUTH_TOKEN_MISSING")
+
+
+def test_bad_token_is_4401():
+    async def scenario():
+        async with Client(PATH + "?token=sgk_" + "x" * 43) as client:
+            return await client.frames_until_close()
+
+    frames, code = run(scenario())
+    assert_error_close(frames, code, 4401, "AUTH_TOKEN_INVALID")
+
+
+def test_happy_path_over_the_relay_with_header_auth(relay, speech_wav):
+    key = issue()
+
+    async def scenario():
+        async with Client(PATH, headers=[(b"authorization", f"Bearer {key.secret}".encode())]) as client:
+            await client.send({"type": "open", "media_type": "audio/wav", "chunk_seconds": 2.0, "language_hint": "en"})
+            ready = await client.next_frame()
+            await client.send_audio(speech_wav)
+            await client.send({"type": "close"})
+            frames, code = await client.frames_until_close()
+            return ready, frames, code
+
+    ready, frames, code = run(scenario())
+    assert ready["type"] == "ready"
+    assert ready["backend_used"] == "B"
+    assert ready["session_id"].startswith("str_")
+    assert ready["expires_at"].endswith("Z")
+    assert code == 1000
+    deltas = [f for f in frames if f["type"] == "delta"]
+    duration = (len(speech_wav) - 44) / 2 / 22050
+    assert len(deltas) == len(relay.requests) >= int(duration / 2)
+    assert all(d["is_final"] and d["text"] == DEFAULT_VERBOSE_JSON["text"] for d in deltas)
+    assert [d["start"] for d in deltas] == sorted(d["start"] for d in deltas)
+    assert deltas[0]["start"] == 0.0
+    assert abs(deltas[-1]["end"] - duration) < 0.05
+    closed = frames[-1]
+    assert closed == {"type": "closed", "audio_bytes": len(speech_wav), "audio_duration_ms": closed["audio_duration_ms"]}
+    assert abs(closed["audio_duration_ms"] - duration * 1000) < 50
+    sent = relay.requests[0]
+    assert sent.headers["authorization"] == f"Bearer {RELAY_KEY}"
+    assert sent.fields["language"] == ["en"]
+    usage = UsageRecord.objects.get(tenant=key.tenant)
+    assert (usage.kind, usage.backend, usage.audio_duration_ms) == ("stream", "B", closed["audio_duration_ms"])
+
+
+def test_finalize_flushes_without_closing(relay, speech_wav):
+    key = issue()
+
+    async def scenario():
+        async with Client(f"{PATH}?token={key.secret}") as client:
+            await client.send({"type": "open", "chunk_seconds": 30})
+            await client.next_frame()
+            await client.send_audio(speech_wav)
+            await client.send({"type": "finalize"})
+            delta = await client.next_frame()
+            await client.send({"type": "keepalive"})
+            await client.send_audio(speech_wav)
+            await client.send({"type": "close"})
+            frames, code = await client.frames_until_close()
+            return delta, frames, code
+
+    delta, frames, code = run(scenario())
+    assert delta["type"] == "delta"
+    assert delta["is_final"]
+    assert code == 1000
+    assert [f["type"] for f in frames] == ["delta", "closed"]
+    assert frames[0]["start"] == delta["end"]
+
+
+@pytest.mark.parametrize(
+    ("frames_to_send", "field"),
+    [
+        ([b"\x00\x01"], "type"),  # audio before open
+        (["not json"], "frame"),
+        ([{"kind": "open"}], "type"),
+        ([{"type": "open", "chunk_seconds": 100}], "chunk_seconds"),
+        ([{"type": "open", "sample_rate": "fast"}], "sample_rate"),
+        ([{"type": "open", "language_hint": "english"}], "language_hint"),
+        ([{"type": "open", "backend_preference": "cheapest"}], "backend_preference"),
+        ([{"type": "open", "media_type": "video/mp4"}], "media_type"),
+        ([{"type": "open", "colour": "blue"}], "colour"),
+        ([{"type": "open"}, {"type": "open"}], "type"),
+        ([{"type": "open"}, {"type": "dance"}], "type"),
+        ([{"type": "open"}, b""], "audio"),
+    ],
+)
+def test_protocol_violations_are_4400_naming_the_field(relay, frames_to_send, field):
+    key = issue()
+
+    async def scenario():
+        async with Client(f"{PATH}?token={key.secret}") as client:
+            for frame in frames_to_send:
+                if isinstance(frame, bytes):
+                    await client.ws.send_input({"type": "websocket.receive", "bytes": frame})
+                elif isinstance(frame, str):
+                    await client.ws.send_to(text_data=frame)
+                else:
+                    await client.send(frame)
+            return await client.frames_until_close()
+
+    frames, code = run(scenario())
+    error = assert_error_close(frames, code, 4400, frames[-1]["code"])
+    assert error["code"] in ("VALIDATION_ERROR", "UNSUPPORTED_MEDIA")
+    assert field in error["message"]
+    assert error["field"] == field
+
+
+def test_undecodable_audio_is_4400(relay):
+    key = issue()
+
+    async def scenario():
+        async with Client(f"{PATH}?token={key.secret}") as client:
+            await client.send({"type": "open", "media_type": "audio/wav"})
+            await client.next_frame()
+            await client.send_audio(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 64)
+            await client.send({"type": "close"})
+            return await client.frames_until_close()
+
+    frames, code = run(scenario())
+    assert_error_close(frames, code, 4400, "UNSUPPORTED_MEDIA")
+
+
+def test_oversize_frame_is_4413(relay, settings):
+    settings.SCAIECHO_STREAM_MAX_FRAME_BYTES = 1000
+    key = issue()
+
+    async def scenario():
+        async with Client(f"{PATH}?token={key.secret}") as client:
+            await client.send({"type": "open", "media_type": "audio/pcm"})
+            await client.next_frame()
+            await client.ws.send_to(bytes_data=bytes(1001))
+            return await client.frames_until_close()
+
+    frames, code = run(scenario())
+    assert_error_close(frames, code, 4413, "PAYLOAD_TOO_LARGE")
+
+
+def test_idle_stream_is_closed_4408_and_keepalive_prevents_it(relay, settings):
+    settings.SCAIECHO_STREAM_IDLE_TIMEOUT_SECONDS = 0.6
+    key = issue()
+
+    async def scenario():
+        async with Client(f"{PATH}?token={key.secret}") as client:
+            await client.send({"type": "open", "media_type": "audio/pcm"})
+            await client.next_frame()
+            for _ in range(4):  # 1.2 s kept alive
+                await asyncio.sleep(0.3)
+                await client.send({"type": "keepalive"})
+            return await client.frames_until_close(wait=10)
+
+    frames, code = run(scenario())
+    assert_error_close(frames, code, 4408, "STREAM_TIMEOUT")
+
+
+@pytest.mark.parametrize(("role", "code_expected"), [(Role.TENANT_USER, "AUTHZ_PERMISSION_DENIED")])
+def test_missing_permission_is_4403(relay, role, code_expected):
+    key = issue(role)
+
+    async def scenario():
+        async with Client(f"{PATH}?token={key.secret}") as client:
+            await client.send({"type": "open"})
+            return await client.frames_until_close()
+
+    frames, code = run(scenario())
+    assert_error_close(frames, code, 4403, code_expected)
+
+
+def test_diarize_needs_the_diarize_permission(relay):
+    key = issue(Role.TENANT_VIEWER)
+
+    async def scenario():
+        async with Client(f"{PATH}?token={key.secret}") as client:
+            await client.send({"type": "open", "diarize": True})
+            return await client.frames_until_close()
+
+    frames, code = run(scenario())
+    assert_error_close(frames, code, 4403, "AUTHZ_PERMISSION_DENIED")
+
+
+def test_disabled_module_is_4403(relay):
+    key = issue()
+    key.tenant.scaiecho_enabled = False
+    key.tenant.save(update_fields=["scaiecho_enabled"])
+
+    async def scenario():
+        async with Client(f"{PATH}?token={key.secret}") as client:
+            await client.send({"type": "open"})
+            return await client.frames_until_close()
+
+    frames, code = run(scenario())
+    assert_error_close(frames, code, 4403, "MODULE_NOT_ENABLED")
+
+
+def test_no_available_backend_is_4502(relay):
+    key = issue(policy=("A", "A"))  # no stream worker is running
+
+    async def scenario():
+        async with Client(f"{PATH}?token={key.secret}") as client:
+            await client.send({"type": "open"})
+            return await client.frames_until_close()
+
+    frames, code = run(scenario())
+    assert_error_close(frames, code, 4502, "SCAIECHO_BACKEND_UNAVAILABLE")
+
+
+def test_budget_exceeded_at_open_is_4429(relay):
+    key = issue()
+    TenantBudget.objects.create(tenant=key.tenant, period="total", limit_audio_seconds=1, hard_action="block")
+    UsageRecord.objects.create(tenant=key.tenant, backend="B", kind="batch", audio_duration_ms=5000, latency_ms=1, cost=0, reference="x")
+
+    async def scenario():
+        async with Client(f"{PATH}?token={key.secret}") as client:
+            await client.send({"type": "open"})
+            return await client.frames_until_close()
+
+    frames, code = run(scenario())
+    assert_error_close(frames, code, 4429, "BUDGET_EXCEEDED")
+
+
+def test_budget_exhausted_during_the_stream_is_4429(relay, speech_wav, settings):
+    settings.SCAIECHO_STREAM_RECHECK_SECONDS = 0
+    key = issue()
+
+    async def scenario():
+        async with Client(f"{PATH}?token={key.secret}") as client:
+            await client.send({"type": "open", "chunk_seconds": 30})
+            await client.next_frame()
+            await client.send_audio(speech_wav[: len(speech_wav) // 2])
+            await asyncio.to_thread(_exhaust_budget, key)
+            await client.send_audio(speech_wav[len(speech_wav) // 2 :])
+            return await client.frames_until_close()
+
+    frames, code = run(scenario())
+    assert_error_close(frames, code, 4429, "BUDGET_EXCEEDED")
+    # The audio received before the end is still metered.
+    assert UsageRecord.objects.filter(tenant=key.tenant, kind="stream").get().audio_duration_ms > 0
+
+
+def _exhaust_budget(key: IssuedKey) -> None:
+    TenantBudget.objects.create(tenant=key.tenant, period="total", limit_audio_seconds=1, hard_action="block")
+    UsageRecord.objects.create(tenant=key.tenant, backend="B", kind="batch", audio_duration_ms=5000, latency_ms=1, cost=0, reference="y")
+
+
+def test_revoked_key_ends_a_live_stream_4401(relay, speech_wav, settings):
+    settings.SCAIECHO_STREAM_RECHECK_SECONDS = 0
+    key = issue()
+
+    async def scenario():
+        async with Client(f"{PATH}?token={key.secret}") as client:
+            await client.send({"type": "open", "chunk_seconds": 30})
+            await client.next_frame()
+            await client.send_audio(speech_wav[:8192])
+            await asyncio.to_thread(api_key_revoke, key=key.key, ctx=system_actor())
+            await client.send_audio(speech_wav[8192:16384])
+            return await client.frames_until_close()
+
+    frames, code = run(scenario())
+    assert_error_close(frames, code, 4401, "AUTH_TOKEN_INVALID")
+
+
+def test_relay_failure_is_an_error_and_4502(relay, speech_wav):
+    relay.mode = "error"
+    relay.error_status = 500
+    key = issue()
+
+    async def scenario():
+        async with Client(f"{PATH}?token={key.secret}") as client:
+            await client.send({"type": "open", "chunk_seconds": 1.0})
+            await client.next_frame()
+            await client.send_audio(speech_wav)
+            await client.send({"type": "close"})
+            return await client.frames_until_close()
+
+    frames, code = run(scenario())
+    assert_error_close(frames, code, 4502, "BACKEND_ERROR")
+    assert RELAY_KEY not in json.dumps(frames)

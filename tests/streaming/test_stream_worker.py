@@ -1,0 +1,192 @@
+"""Backend A streaming: a real stream worker process with the default Whisper model, reached over
+the Redis channel layer, transcribing espeak-ng speech sent at real-time pace."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+import wave
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from django.utils import timezone
+
+from tenants.models import Role
+from tests.speech import synth_speech, word_error_rate
+from tests.streaming.test_consumer import PATH, Client, assert_error_close, issue, run
+from tests.transcription.conftest import database_url_for_workers
+from transcription.audio import decode_audio
+from transcription.models import SpeechWorker
+
+pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+ROOT = Path(__file__).resolve().parents[2]
+UTTERANCES = [
+    "Good morning everyone.",
+    "Today we will review the quarterly budget.",
+    "Please send the report to the finance team before Friday.",
+]
+
+
+class StreamWorkerProcess:
+    def __init__(self, log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("ab")
+        env = {**os.environ, "DATABASE_URL": database_url_for_workers(), "SCAIECHO_WHISPER_CPU_THREADS": "1"}
+        self.process = subprocess.Popen(
+            [sys.executable, "manage.py", "stream_worker"], cwd=ROOT, env=env,
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + 120
+        while b" ready" not in log_path.read_bytes():
+            assert self.process.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "stream worker did not start"
+            time.sleep(0.2)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log.close()
+
+
+@pytest.fixture(scope="module")
+def stream_worker(django_db_setup: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[StreamWorkerProcess]:
+    worker = StreamWorkerProcess(tmp_path_factory.mktemp("stream") / "stream_worker.log")
+    try:
+        yield worker
+    finally:
+        worker.stop()
+
+
+def wait_until_announced() -> None:
+    """The test database is emptied between tests; the worker's next heartbeat (1 s) re-announces it."""
+    deadline = time.monotonic() + 10
+    while not SpeechWorker.objects.filter(kind="stream", expires_at__gt=timezone.now()).exists():
+        assert time.monotonic() < deadline, "the stream worker is not announced"
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def conversation_wav() -> bytes:
+    """The utterances with 1.2 s pauses, 16 kHz s16 WAV, and 1 s of trailing silence."""
+    pieces = []
+    silence = np.zeros(int(1.2 * 16000), dtype=np.float32)
+    for text in UTTERANCES:
+        pieces += [decode_audio(synth_speech(text)).samples, silence]
+    samples = np.concatenate(pieces)
+    out = io.BytesIO()
+    with wave.open(out, "wb") as writer:
+        writer.setnchannels(1)
+        writer.setsampwidth(2)
+        writer.setframerate(16000)
+        writer.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+    return out.getvalue()
+
+
+async def stream_real_time(client: Client, wav: bytes, *, chunk_ms: int = 100) -> list[tuple[float, dict]]:
+    """Send the WAV at real-time pace, collecting (arrival time, frame) meanwhile."""
+    received: list[tuple[float, dict]] = []
+    started = time.monotonic()
+
+    async def collect() -> None:
+        while True:
+            frame = await client.next_frame(wait=60)
+            received.append((time.monotonic() - started, frame))
+
+    collector = asyncio.create_task(collect())
+    step = 16000 * 2 * chunk_ms // 1000
+    await client.ws.send_to(bytes_data=wav[:44])
+    for index, offset in enumerate(range(44, len(wav), step)):
+        await client.ws.send_to(bytes_data=wav[offset : offset + step])
+        await asyncio.sleep(max(0.0, started + (index + 1) * chunk_ms / 1000 - time.monotonic()))
+    await asyncio.sleep(0.5)
+    collector.cancel()
+    return received
+
+
+def test_partials_then_finals_with_the_spoken_text(stream_worker, conversation_wav):
+    wait_until_announced()
+    key = issue(Role.TENANT_VIEWER, policy=("A", "A"))
+
+    async def scenario():
+        async with Client(f"{PATH}?token={key.secret}") as client:
+            await client.send({"type": "open", "media_type": "audio/wav", "language_hint": "en"})
+            ready = await client.next_frame()
+            received = await stream_real_time(client, conversation_wav)
+            await client.send({"type": "close"})
+            rest, code = await client.frames_until_close(wait=60)
+            return ready, received, rest, code
+
+    ready, received, rest, code = run(scenario())
+    assert ready["backend_used"] == "A"
+    frames = [frame for _, frame in received] + rest
+    assert code == 1000, frames[-3:]
+    assert frames[-1]["type"] == "closed"
+    deltas = [f for f in frames if f["type"] == "delta"]
+    finals = [d for d in deltas if d["is_final"]]
+    assert finals, deltas
+    first_final = deltas.index(finals[0])
+    assert any(not d["is_final"] for d in deltas[:first_final]), "no partial before the first final"
+    assert word_error_rate(" ".join(UTTERANCES), " ".join(f["text"] for f in finals)) <= 0.2
+    ends = [f["end"] for f in finals]
+    assert ends == sorted(ends)
+    assert all(later["start"] >= earlier["end"] - 0.05 for earlier, later in zip(finals, finals[1:], strict=False))
+    assert all(0 <= f["start"] < f["end"] <= conversation_wav.__len__() / 32000 + 0.1 for f in finals)
+
+
+def test_silence_alone_gives_no_text(stream_worker):
+    wait_until_announced()
+    key = issue(Role.TENANT_VIEWER, policy=("A", "A"))
+    silence = bytes(16000 * 2 * 3)
+
+    async def scenario():
+        async with Client(f"{PATH}?token={key.secret}") as client:
+            await client.send({"type": "open", "media_type": "audio/pcm", "sample_rate": 16000})
+            await client.next_frame()
+            for offset in range(0, len(silence), 3200):
+                await client.ws.send_to(bytes_data=silence[offset : offset + 3200])
+            await client.send({"type": "close"})
+            return await client.frames_until_close(wait=60)
+
+    frames, code = run(scenario())
+    assert code == 1000
+    assert [f["type"] for f in frames] == ["closed"]
+
+
+def test_a_killed_stream_worker_ends_its_sessions_promptly(tmp_path, conversation_wav):
+    worker = StreamWorkerProcess(tmp_path / "doomed.log")
+    try:
+        wait_until_announced()
+        key = issue(Role.TENANT_VIEWER, policy=("A", "A"))
+
+        async def scenario():
+            async with Client(f"{PATH}?token={key.secret}") as client:
+                await client.send({"type": "open", "media_type": "audio/wav"})
+                await client.next_frame()
+                await client.ws.send_to(bytes_data=conversation_wav[:32044])
+                await asyncio.to_thread(worker.kill)
+                killed_at = time.monotonic()
+                frames, code = await client.frames_until_close(wait=30)
+                return frames, code, time.monotonic() - killed_at
+
+        frames, code, waited = run(scenario())
+        assert_error_close(frames, code, 4502, "BACKEND_ERROR")
+        assert waited < 6
+    finally:
+        worker.stop()
