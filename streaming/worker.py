@@ -170,6 +170,7 @@ class StreamWorker:
         session = _Session(reply_to=message["reply_to"], transcriber=transcriber)
         session.task = asyncio.create_task(self._serve(session_id, session))
         self.sessions[session_id] = session
+        logger.info("stream session %s opened on %s (%d live)", session_id, self.channel, len(self.sessions))
 
     async def _serve(self, session_id: str, session: _Session) -> None:
         loop = asyncio.get_running_loop()

@@ -400,3 +400,34 @@ def test_relay_failure_is_an_error_and_4502(relay, speech_wav):
     frames, code = run(scenario())
     assert_error_close(frames, code, 4502, "BACKEND_ERROR")
     assert RELAY_KEY not in json.dumps(frames)
+
+
+@pytest.mark.parametrize("media_type", ["audio/ogg", "audio/webm", "audio/mpeg", "audio/L16"])
+def test_each_media_type_streams_end_to_end(relay, speech_wav, media_type):
+    from tests.speech import convert_audio
+    from tests.streaming.test_decoders import media_recorder_webm, pcm_payload
+
+    make = {
+        "audio/ogg": lambda: convert_audio(speech_wav, "ogg"),
+        "audio/webm": lambda: media_recorder_webm(speech_wav),
+        "audio/mpeg": lambda: convert_audio(speech_wav, "mp3"),
+        "audio/L16": lambda: pcm_payload(speech_wav),
+    }
+    payload = make[media_type]()
+    rate = 22050 if media_type == "audio/L16" else 16000  # espeak-ng writes 22.05 kHz
+    key = issue()
+
+    async def scenario():
+        async with Client(f"{PATH}?token={key.secret}") as client:
+            await client.send({"type": "open", "media_type": media_type, "sample_rate": rate, "chunk_seconds": 2.0})
+            await client.next_frame()
+            await client.send_audio(payload, frame_size=4096)
+            await client.send({"type": "close"})
+            return await client.frames_until_close()
+
+    frames, code = run(scenario())
+    assert code == 1000, frames[-1]
+    duration_ms = (len(speech_wav) - 44) / 2 / 22050 * 1000
+    assert abs(frames[-1]["audio_duration_ms"] - duration_ms) < 120
+    assert frames[-1]["audio_bytes"] == len(payload)
+    assert [f["type"] for f in frames].count("delta") == len(relay.requests) >= 1

@@ -190,3 +190,65 @@ def test_a_killed_stream_worker_ends_its_sessions_promptly(tmp_path, conversatio
         assert waited < 6
     finally:
         worker.stop()
+
+
+def test_sessions_spread_over_two_workers_and_survive_the_other_ones_death(stream_worker, tmp_path, conversation_wav):
+    """Two stream workers on Redis: sessions land on both; killing one ends only its sessions."""
+    second = StreamWorkerProcess(tmp_path / "second.log")
+    try:
+        deadline = time.monotonic() + 10
+        while SpeechWorker.objects.filter(kind="stream", expires_at__gt=timezone.now()).count() < 2:
+            assert time.monotonic() < deadline, "both stream workers should be announced"
+            time.sleep(0.1)
+        key = issue(Role.TENANT_VIEWER, policy=("A", "A"))
+
+        def worker_of(session_id: str) -> str:
+            if session_id in second.log_path.read_text():
+                return "second"
+            assert session_id in stream_worker.log_path.read_text()
+            return "first"
+
+        async def scenario():
+            clients: list[tuple[Client, str]] = []
+            try:
+                while len({owner for _, owner in clients}) < 2:
+                    assert len(clients) < 12, "sessions never reached both workers"
+                    client = Client(f"{PATH}?token={key.secret}")
+                    await client.__aenter__()
+                    await client.send({"type": "open", "media_type": "audio/wav", "language_hint": "en"})
+                    ready = await client.next_frame()
+                    await asyncio.sleep(0.3)  # the worker logs the session as it opens it
+                    clients.append((client, await asyncio.to_thread(worker_of, ready["session_id"])))
+                half = len(conversation_wav) // 3
+                for client, _ in clients:
+                    await client.ws.send_to(bytes_data=conversation_wav[:half])
+                await asyncio.to_thread(second.kill)
+                killed_at = time.monotonic()
+                outcomes = []
+                for client, owner in clients:
+                    if owner == "second":
+                        frames, code = await client.frames_until_close(wait=30)
+                        outcomes.append((owner, frames, code, time.monotonic() - killed_at))
+                for client, owner in clients:
+                    if owner == "first":
+                        await client.send_audio(conversation_wav[half:], frame_size=16000)
+                        await client.send({"type": "close"})
+                        frames, code = await client.frames_until_close(wait=90)
+                        outcomes.append((owner, frames, code, 0.0))
+                return outcomes
+            finally:
+                for client, _ in clients:
+                    await client.__aexit__()
+
+        outcomes = run(scenario())
+        for owner, frames, code, waited in outcomes:
+            if owner == "second":
+                assert_error_close(frames, code, 4502, "BACKEND_ERROR")
+                assert waited < 6
+            else:
+                assert code == 1000, frames[-2:]
+                assert frames[-1]["type"] == "closed"
+                finals = [f["text"] for f in frames if f["type"] == "delta" and f["is_final"]]
+                assert word_error_rate(" ".join(UTTERANCES), " ".join(finals)) <= 0.3
+    finally:
+        second.stop()
