@@ -13,6 +13,7 @@ urlpatterns = [
     path(API_PREFIX, include("tenants.urls")),
     path(API_PREFIX, include("transcription.urls")),
     path("oai/v1/", include("transcription.oai_urls")),
+    path("captions/", include("streaming.urls")),
     path(API_PREFIX + "openapi.json", SpectacularJSONAPIView.as_view(), name="openapi-schema"),
     path(API_PREFIX + "docs", SpectacularSwaggerView.as_view(url_name="openapi-schema"), name="api-docs"),
 ]

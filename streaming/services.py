@@ -18,6 +18,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from scaiecho_site import errors
+from streaming.tokens import CAPTION_TOKEN_PREFIX, caption_token_key
 from tenants.authentication import api_key_from_token
 from tenants.context import ActorContext
 from tenants.models import PERM_DIARIZE, PERM_TRANSCRIBE, ApiKey, AuditEvent
@@ -56,6 +57,11 @@ def stream_backend_available(backend: str) -> bool:
 def stream_authenticate(*, token: str | None) -> ApiKey:
     if not token:
         raise errors.AuthTokenMissing("Send the API key as ?token= or an Authorization: Bearer header.")
+    if token.startswith(CAPTION_TOKEN_PREFIX):
+        key = caption_token_key(token)
+        if key is None:
+            raise errors.AuthTokenInvalid("The caption token is not valid or has expired.")
+        return key
     key = api_key_from_token(token)
     if key is None:
         raise errors.AuthTokenInvalid()
