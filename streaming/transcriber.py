@@ -148,15 +148,27 @@ class _ShortModel:
     """The Whisper model seen through an encoder that reads only the first ``n_frames``."""
 
     def __init__(self, model: Any, n_frames: int) -> None:
+        import dataclasses
+
         self._model = model
         self.encoder = _TrimmedEncoder(model.encoder, n_frames)
         self.decoder = model.decoder
+        # Whisper recognises already-encoded audio by its shape (n_audio_ctx, n_audio_state); the
+        # short window's features are n_frames / 2 long, so say so, or language detection would
+        # run the encoder a second time on the features.
+        self.dims = dataclasses.replace(model.dims, n_audio_ctx=n_frames // 2)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._model, name)
 
     def __call__(self, mel: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return self.decoder(tokens, self.encoder(mel))
+
+    def detect_language(self, mel: torch.Tensor, tokenizer: Any = None) -> Any:
+        # The model's own method is bound to the full model; detect through this view instead.
+        from whisper.decoding import detect_language
+
+        return detect_language(self, mel, tokenizer)
 
 
 class ShortWindowWhisper:

@@ -431,3 +431,21 @@ def test_each_media_type_streams_end_to_end(relay, speech_wav, media_type):
     assert abs(frames[-1]["audio_duration_ms"] - duration_ms) < 120
     assert frames[-1]["audio_bytes"] == len(payload)
     assert [f["type"] for f in frames].count("delta") == len(relay.requests) >= 1
+
+
+def test_session_longer_than_the_maximum_is_4408(relay, settings):
+    settings.SCAIECHO_STREAM_MAX_SESSION_SECONDS = 1
+    key = issue()
+
+    async def scenario():
+        async with Client(f"{PATH}?token={key.secret}") as client:
+            await client.send({"type": "open", "media_type": "audio/pcm"})
+            await client.next_frame()
+            for _ in range(8):  # kept alive, but past the maximum length
+                await asyncio.sleep(0.25)
+                await client.send({"type": "keepalive"})
+            return await client.frames_until_close(wait=10)
+
+    frames, code = run(scenario())
+    error = assert_error_close(frames, code, 4408, "STREAM_TIMEOUT")
+    assert "maximum length" in error["message"]

@@ -217,3 +217,14 @@ def test_long_utterance_is_finalized_while_it_is_spoken(engine: WhisperEngine) -
     assert word_error_rate(LONG, " ".join(d.text for d in run.finals)) <= 0.25
     for before, after in zip(run.finals, run.finals[1:], strict=False):
         assert before.end <= after.start
+
+
+def test_language_detected_when_no_hint_and_audio_arrives_all_at_once(engine: WhisperEngine) -> None:
+    """A client that sends a whole file in one frame and no language hint (websocat style)."""
+    spoken = "Good morning everyone. Please send the report to the finance team before Friday."
+    audio = np.concatenate([to_samples(synth_speech(spoken)), silence(1.0)])
+    session = StreamSession(engine, language=None)
+    deltas = session.feed(audio, now=0.1) + session.close()
+    finals = [d for d in deltas if d.is_final]
+    assert finals
+    assert word_error_rate(spoken, " ".join(d.text for d in finals)) <= 0.2
