@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import shutil
 import socket
@@ -12,6 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.speech import synth_speech, word_error_rate
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -79,6 +83,23 @@ def test_asgi_server_refuses_production_misconfiguration(tmp_path):
     assert "scaiecho.E001" in result.stderr
 
 
+STREAMED = "Good morning everyone. Please send the report to the finance team before Friday."
+
+
+async def stream_file(url: str) -> list[dict]:
+    import websockets
+
+    frames = []
+    async with websockets.connect(url, open_timeout=60) as ws:
+        await ws.send(json.dumps({"type": "open", "media_type": "audio/wav", "language_hint": "en"}))
+        frames.append(json.loads(await ws.recv()))
+        await ws.send(synth_speech(STREAMED))
+        await ws.send(json.dumps({"type": "close"}))
+        async for message in ws:
+            frames.append(json.loads(message))
+    return frames
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -100,9 +121,10 @@ def test_embedded_defaults_serve_the_seed_request(tmp_path):
     ).stdout.strip()
     assert (tmp_path / "var" / "db.sqlite3").exists()
     port = free_port()
+    log = (tmp_path / "server.log").open("w")
     server = subprocess.Popen(
         [PYTHON, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
     )
     try:
         base = f"http://127.0.0.1:{port}"
@@ -113,7 +135,7 @@ def test_embedded_defaults_serve_the_seed_request(tmp_path):
                     break
             except httpx.TransportError:
                 pass
-            assert server.poll() is None, server.stdout.read()
+            assert server.poll() is None, (tmp_path / "server.log").read_text()
             assert time.monotonic() < deadline, "server did not start"
             time.sleep(0.3)
         response = httpx.get(f"{base}/v1/modules/scaiecho/tenant-policy", headers={"Authorization": f"Bearer {admin}"})
@@ -126,10 +148,18 @@ def test_embedded_defaults_serve_the_seed_request(tmp_path):
         denied = httpx.get(f"{base}/v1/modules/scaiecho/tenant-policy", headers={"Authorization": f"Bearer {viewer}"})
         assert denied.status_code == 403
         assert denied.json()["error"]["code"] == "AUTHZ_PERMISSION_DENIED"
+        # Live streaming works too: the web process runs its own stream worker (Backend A).
+        frames = asyncio.run(stream_file(f"ws://127.0.0.1:{port}/v1/modules/scaiecho/stream/transcribe?token={admin}"))
+        assert frames[0]["type"] == "ready"
+        assert frames[0]["backend_used"] == "A"
+        assert frames[-1]["type"] == "closed"
+        finals = " ".join(f["text"] for f in frames if f["type"] == "delta" and f["is_final"])
+        assert word_error_rate(STREAMED, finals) <= 0.25, finals
         assert server.poll() is None
     finally:
         server.terminate()
         server.wait(timeout=20)
+        log.close()
     shutil.rmtree(tmp_path / "var", ignore_errors=True)
 
 
