@@ -1,0 +1,510 @@
+"""Live streaming benchmark: real-time speech over real WebSockets to one stream worker.
+
+    .venv/bin/python -m bench.stream [--sessions 1,2,3] [--utterances 6] [--model base]
+
+Self-contained like ``bench.batch`` (whose helpers it reuses): it synthesizes a conversation per
+session with espeak-ng (``--utterances`` English sentences, 16 kHz, separated by 1.2 s of silence,
+1 s of trailing silence), starts a real server (``manage.py runserver``, i.e. daphne) against a
+throwaway data dir with no ``DATABASE_URL`` / ``REDIS_URL``: with the in-memory channel layer the
+web process runs exactly one stream worker itself (one model, one inference thread). It creates a
+tenant-admin key, sets the tenant policy to Backend A only, opens one warm-up stream (the first
+stream loads the model), and then, for each concurrency level k in ``--sessions``, opens k
+WebSocket sessions at once. Each sends its conversation as 100 ms ``audio/pcm`` frames at
+real-time pace (frame i leaves at t0 + (i + 1) * 0.1 s, sleeping to that deadline), then ``close``,
+and records the arrival time of every frame the server sends.
+
+Per session and utterance (stream times relative to the session's t0; deltas are matched to
+utterances by the overlap of their ``start``/``end`` with the utterance's [start, end]):
+
+- final latency: arrival of the last final delta of the utterance − (t0 + utterance end),
+- first partial: arrival of the first delta of the utterance − (t0 + utterance start),
+- last utterance: its final latency, and its final's arrival relative to ``close``,
+- WER of the joined finals against the sentences spoken,
+- lag growth: mean final latency of the last third of utterances − that of the first third.
+
+Targets (issue, 2-core CPU machine, model base): final p50 <= 1.5 s; first partial p50 <= 1.5 s;
+last utterance final within 1.5 s of the end of its speech or of ``close``. A level of k sessions
+"holds" when no final is missing, p95 final <= 1.5 s and every session's lag growth < 0.5 s; the
+"sessions one worker holds" is the largest k that holds with all smaller levels holding too.
+At the end (``--no-profile`` skips it) one conversation runs through ``StreamSession`` in this
+process to show the compute per decode, i.e. where the time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+import wave
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from bench.batch import API, SENTENCES, Proc, free_port, manage, tree_cpu_s
+
+RATE = 16_000
+FRAME_S = 0.1
+GAP_S = 1.2
+TRAIL_S = 1.0
+LEAD_S = 0.5  # silence before the first utterance, so the VAD sees a speech onset
+
+# Targets from the issue (seconds).
+FINAL_P50_TARGET = 1.5
+FIRST_PARTIAL_TARGET = 1.5
+LAST_TARGET = 1.5
+LAG_GROWTH_TARGET = 0.5
+# "Holds k sessions": p95 final latency bounded and lag not growing.
+HOLD_P95_TARGET = 1.5
+
+
+# --- Audio -----------------------------------------------------------------------------------------
+
+
+def to_16k(wav: bytes) -> np.ndarray:
+    """espeak-ng's 22.05 kHz WAV as 16 kHz float32 (linear interpolation; speech is band-limited)."""
+    with wave.open(io.BytesIO(wav)) as w:
+        rate = w.getframerate()
+        x = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32) / 32768.0
+    if rate == RATE:
+        return x
+    n = int(round(x.size * RATE / rate))
+    return np.interp(np.arange(n) * (rate / RATE), np.arange(x.size), x).astype(np.float32)
+
+
+@dataclass
+class Conversation:
+    pcm: bytes
+    sentences: list[str]
+    spans: list[tuple[float, float]]  # (start, end) of each utterance, stream seconds
+
+    @property
+    def duration(self) -> float:
+        return len(self.pcm) / 2 / RATE
+
+
+def make_conversation(sentences: list[str], cache_dir: Path) -> Conversation:
+    from tests.speech import synth_speech
+
+    parts = [np.zeros(int(LEAD_S * RATE), np.float32)]
+    spans: list[tuple[float, float]] = []
+    pos = parts[0].size
+    for i, sentence in enumerate(sentences):
+        speech = to_16k(synth_speech(sentence, cache_dir=cache_dir))
+        # espeak-ng pads a little silence on both sides: the utterance is where the signal is.
+        loud = np.flatnonzero(np.abs(speech) > 0.01)
+        first, last = (int(loud[0]), int(loud[-1]) + 1) if loud.size else (0, speech.size)
+        spans.append(((pos + first) / RATE, (pos + last) / RATE))
+        parts.append(speech)
+        pos += speech.size
+        gap = np.zeros(int((GAP_S if i < len(sentences) - 1 else TRAIL_S) * RATE), np.float32)
+        parts.append(gap)
+        pos += gap.size
+    samples = np.concatenate(parts)
+    pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
+    return Conversation(pcm, sentences, spans)
+
+
+# --- One session -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Received:
+    t: float  # perf_counter at arrival
+    frame: dict
+
+
+@dataclass
+class SessionResult:
+    conv: Conversation
+    t0: float = 0.0  # perf_counter when the first frame's audio began (stream time 0)
+    t_close: float = 0.0  # perf_counter when close was sent
+    frames: list[Received] = field(default_factory=list)
+    send_late_max: float = 0.0  # worst oversleep of the sender against its deadlines
+    error: str | None = None
+
+    # derived
+    final_lat: list[float | None] = field(default_factory=list)
+    first_partial: list[float | None] = field(default_factory=list)
+    last_vs_close: float | None = None
+    wer: float = 0.0
+    n_partials: int = 0
+    n_finals: int = 0
+    stray_finals: int = 0
+    transcript: str = ""
+
+    def analyse(self) -> None:
+        from tests.speech import word_error_rate
+
+        spans = self.conv.spans
+        deltas = [r for r in self.frames if r.frame.get("type") == "delta"]
+        self.n_partials = sum(not r.frame["is_final"] for r in deltas)
+        self.n_finals = sum(bool(r.frame["is_final"]) for r in deltas)
+        last_final: list[float | None] = [None] * len(spans)
+        first_any: list[float | None] = [None] * len(spans)
+        for r in deltas:
+            s, e = float(r.frame["start"]), float(r.frame["end"])
+            overlaps = [min(e, ue) - max(s, us) for us, ue in spans]
+            best = max(range(len(spans)), key=lambda i: overlaps[i])
+            if overlaps[best] <= 0:
+                # No overlap (timestamps slightly off, or text invented in silence): nearest utterance.
+                mid = (s + e) / 2
+                best = min(range(len(spans)), key=lambda i: abs(mid - (spans[i][0] + spans[i][1]) / 2))
+                if r.frame["is_final"] and not r.frame["text"].strip():
+                    continue
+                if r.frame["is_final"]:
+                    self.stray_finals += 1
+            if first_any[best] is None:
+                first_any[best] = r.t
+            if r.frame["is_final"]:
+                last_final[best] = r.t
+        self.final_lat = [None if t is None else t - (self.t0 + ue) for t, (_, ue) in zip(last_final, spans, strict=True)]
+        self.first_partial = [None if t is None else t - (self.t0 + us) for t, (us, _) in zip(first_any, spans, strict=True)]
+        if last_final[-1] is not None:
+            self.last_vs_close = last_final[-1] - self.t_close
+        text = " ".join(r.frame["text"] for r in deltas if r.frame["is_final"])
+        self.transcript = text
+        self.wer = word_error_rate(" ".join(self.conv.sentences), text)
+
+    @property
+    def lag_growth(self) -> float | None:
+        lat = [x for x in self.final_lat]
+        third = max(1, len(lat) // 3)
+        head, tail = lat[:third], lat[-third:]
+        if any(x is None for x in head + tail):
+            return None
+        return statistics.mean(tail) - statistics.mean(head)  # type: ignore[arg-type]
+
+
+async def run_session(url: str, conv: Conversation, start_at: float, result: SessionResult) -> None:
+    import websockets
+
+    done = asyncio.Event()
+
+    async def reader(ws) -> None:
+        async for message in ws:
+            t = time.perf_counter()
+            if isinstance(message, bytes):
+                continue
+            frame = json.loads(message)
+            result.frames.append(Received(t, frame))
+            if frame.get("type") == "error":
+                result.error = f"{frame.get('code')}: {frame.get('message')}"
+            if frame.get("type") in ("closed", "error"):
+                done.set()
+        done.set()
+
+    async with websockets.connect(url, max_size=None, open_timeout=60, close_timeout=10) as ws:
+        # All sessions of a level share start_at, so they really run at once. The wait comes
+        # before ``open``: the worker's session clock starts at open, and audio that starts much
+        # later looks like a worker running behind real time (it then skips partials).
+        delay = start_at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await ws.send(json.dumps({"type": "open", "media_type": "audio/pcm", "sample_rate": RATE, "language_hint": "en"}))
+        ready = json.loads(await asyncio.wait_for(ws.recv(), 120))
+        if ready.get("type") != "ready":
+            raise RuntimeError(f"expected ready, got {ready}")
+        read_task = asyncio.create_task(reader(ws))
+        step = int(FRAME_S * RATE) * 2
+        result.t0 = time.perf_counter()
+        n = (len(conv.pcm) + step - 1) // step
+        for i in range(n):
+            deadline = result.t0 + min((i + 1) * step, len(conv.pcm)) / 2 / RATE
+            wait = deadline - time.perf_counter()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            result.send_late_max = max(result.send_late_max, time.perf_counter() - deadline)
+            await ws.send(conv.pcm[i * step : (i + 1) * step])
+        result.t_close = time.perf_counter()
+        await ws.send(json.dumps({"type": "close"}))
+        try:
+            await asyncio.wait_for(done.wait(), 60)
+        finally:
+            read_task.cancel()
+
+
+async def run_level(url: str, convs: list[Conversation]) -> list[SessionResult]:
+    results = [SessionResult(c) for c in convs]
+    start_at = time.perf_counter() + 0.5  # time for all k handshakes
+    outcomes = await asyncio.gather(
+        *(run_session(url, c, start_at, r) for c, r in zip(convs, results, strict=True)), return_exceptions=True
+    )
+    for r, o in zip(results, outcomes, strict=True):
+        if isinstance(o, BaseException):
+            r.error = r.error or f"{type(o).__name__}: {o}"
+        r.analyse()
+    return results
+
+
+# --- Report ----------------------------------------------------------------------------------------
+
+
+def system_busy_s() -> float:
+    """CPU seconds the whole machine has been busy (all cores, /proc/stat), to spot other load."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def pct(values: list[float], q: float) -> float:
+    v = sorted(values)
+    if not v:
+        return float("nan")
+    k = (len(v) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+def verdict(ok: bool) -> str:
+    return "ok" if ok else "MISS"
+
+
+@dataclass
+class Level:
+    k: int
+    results: list[SessionResult]
+    cpu_s: float
+    wall_s: float
+    other_s: float = 0.0  # CPU seconds of everything but the server and this process
+
+    def finals(self) -> list[float]:
+        return [x for r in self.results for x in r.final_lat if x is not None]
+
+    def missing(self) -> int:
+        return sum(x is None for r in self.results for x in r.final_lat)
+
+    def partials(self) -> list[float]:
+        return [x for r in self.results for x in r.first_partial if x is not None]
+
+    def lasts(self) -> list[float]:
+        return [r.final_lat[-1] for r in self.results if r.final_lat and r.final_lat[-1] is not None]
+
+    def last_close(self) -> list[float]:
+        return [r.last_vs_close for r in self.results if r.last_vs_close is not None]
+
+    def growths(self) -> list[float]:
+        return [g for r in self.results if (g := r.lag_growth) is not None]
+
+    def holds(self) -> bool:
+        f = self.finals()
+        g = self.growths()
+        return (
+            bool(f) and not self.missing() and not any(r.error for r in self.results)
+            and pct(f, 0.95) <= HOLD_P95_TARGET and len(g) == self.k and max(g) < LAG_GROWTH_TARGET
+        )
+
+
+def print_level(level: Level, verbose: bool = False) -> None:
+    print(f"\n== {level.k} concurrent session(s) ==  server CPU {level.cpu_s:.1f} s over {level.wall_s:.1f} s wall"
+          f" ({level.cpu_s / level.wall_s * 100:.0f} % of one core); other processes"
+          f" {level.other_s / level.wall_s * 100:.0f} % of one core"
+          + ("  WARNING: the machine was busy with other work, numbers are pessimistic" if level.other_s / level.wall_s > 0.15 else ""))
+    print(f"{'sess':>4} {'utterance final latency s (each)':<44} {'1st partial s (each)':<38} {'WER':>6}"
+          f" {'lag+':>6} {'part':>5} {'fin':>4} {'late':>5}")
+    for i, r in enumerate(level.results):
+        lat = " ".join("  -- " if x is None else f"{x:5.2f}" for x in r.final_lat)
+        fp = " ".join("  -- " if x is None else f"{x:5.2f}" for x in r.first_partial)
+        g = r.lag_growth
+        print(f"{i + 1:>4} {lat:<44} {fp:<38} {r.wer * 100:5.1f}% {'--' if g is None else f'{g:+.2f}':>6}"
+              f" {r.n_partials:>5} {r.n_finals:>4} {r.send_late_max * 1000:4.0f}ms"
+              + (f"  ERROR {r.error}" if r.error else ""))
+    if verbose:
+        for i, r in enumerate(level.results):
+            print(f"  session {i + 1} spans " + " ".join(f"[{a:.2f},{b:.2f}]" for a, b in r.conv.spans))
+            for x in r.frames:
+                if x.frame.get("type") == "delta":
+                    d = x.frame
+                    print(f"    +{x.t - r.t0:6.2f}s {'F' if d['is_final'] else 'p'} [{d['start']:.2f},{d['end']:.2f}] {d['text']}")
+    f, p, lasts, lc, g = level.finals(), level.partials(), level.lasts(), level.last_close(), level.growths()
+    last_ok = all(min(a, b) <= LAST_TARGET for a, b in zip(lasts, lc, strict=False)) and len(lasts) == level.k
+    wer = statistics.mean(r.wer for r in level.results)
+    print(f"  final latency   p50 {pct(f, 0.5):5.2f} s  p95 {pct(f, 0.95):5.2f} s  max {max(f, default=float('nan')):5.2f} s"
+          f"  missing {level.missing()}   [p50 <= {FINAL_P50_TARGET}: {verdict(pct(f, 0.5) <= FINAL_P50_TARGET)}]")
+    print(f"  first partial   p50 {pct(p, 0.5):5.2f} s  p95 {pct(p, 0.95):5.2f} s"
+          f"                        [p50 <= {FIRST_PARTIAL_TARGET}: {verdict(pct(p, 0.5) <= FIRST_PARTIAL_TARGET)}]")
+    print(f"  last utterance  after its end {' '.join(f'{x:.2f}' for x in lasts)} s;"
+          f" after close {' '.join(f'{x:+.2f}' for x in lc)} s   [<= {LAST_TARGET} of either: {verdict(last_ok)}]")
+    print(f"  lag growth      {' '.join(f'{x:+.2f}' for x in g)} s (last third − first third)"
+          f"   [< {LAG_GROWTH_TARGET}: {verdict(len(g) == level.k and max(g, default=0) < LAG_GROWTH_TARGET)}]")
+    print(f"  WER             {wer * 100:.1f} %   stray finals {sum(r.stray_finals for r in level.results)}"
+          f"   holds (p95 <= {HOLD_P95_TARGET}, lag growth < {LAG_GROWTH_TARGET}): {'yes' if level.holds() else 'NO'}")
+
+
+# --- Where the time goes --------------------------------------------------------------------------
+
+
+def profile_decodes(conv: Conversation, model: str, threads: int) -> None:
+    """Run one conversation through :class:`StreamSession` in this process, 100 ms at a time as
+    fast as it goes (the server is idle by then), and print what the worker's inference thread
+    pays per decode: the compute floor under the latencies measured over the WebSocket."""
+    from streaming.transcriber import StreamSession, default_decoder
+    from transcription.backends.whisper import WhisperEngine
+
+    engine = WhisperEngine(model_name=model, cpu_threads=threads)
+    engine.load()
+    decoder = default_decoder(engine)
+    getattr(decoder, "warm_up", lambda: None)()
+    session = StreamSession(engine, decoder=decoder, language="en")
+    samples = np.frombuffer(conv.pcm, dtype="<i2").astype(np.float32) / 32768.0
+    step = int(FRAME_S * RATE)
+    feed_s: list[float] = []
+    s0, m0 = system_busy_s(), time.process_time()
+    t_all = time.perf_counter()
+    for i in range(0, samples.size, step):
+        t = time.perf_counter()
+        session.feed(samples[i : i + step])
+        feed_s.append(time.perf_counter() - t)
+    session.close()
+    wall = time.perf_counter() - t_all
+    other = max(0.0, system_busy_s() - s0 - (time.process_time() - m0))
+    spans = [a for a, _ in session.stats.samples]
+    costs = [b for _, b in session.stats.samples]
+    print(f"\nwhere the time goes (one session through StreamSession in this process, {threads} thread(s), no network):")
+    print(f"  {session.stats.count} decodes for {conv.duration:.1f} s of audio; compute per decode p50 {pct(costs, 0.5):.2f} s,"
+          f" p95 {pct(costs, 0.95):.2f} s, max {max(costs):.2f} s (spans {min(spans):.1f}-{max(spans):.1f} s)")
+    print(f"  inference-thread busy {session.stats.seconds:.1f} s = {session.stats.seconds / conv.duration * 100:.0f} % of real time"
+          f" per session (whole feed loop {wall:.1f} s) -> about {conv.duration / max(session.stats.seconds, 1e-9):.1f}"
+          f" sessions fit one inference thread at 100 % busy, before any queueing delay")
+    if other / wall > 0.15:
+        print(f"  WARNING: other processes used {other / wall * 100:.0f} % of one core meanwhile; compute is inflated")
+    by_len: dict[int, list[float]] = {}
+    for a, b in session.stats.samples:
+        by_len.setdefault(int(a), []).append(b)
+    print("  compute by span length: " + ", ".join(f"{k}-{k + 1} s: {statistics.median(v):.2f} s (n={len(v)})" for k, v in sorted(by_len.items())))
+    slow = sorted(feed_s, reverse=True)[:3]
+    print(f"  slowest single feed() calls (a decode blocks every session queued behind it): {', '.join(f'{x:.2f}' for x in slow)} s")
+
+
+# --- Main ------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.stream", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sessions", default="1,2,3", help="concurrency levels, comma-separated (default 1,2,3)")
+    parser.add_argument("--utterances", type=int, default=6, help="sentences per conversation (default 6)")
+    parser.add_argument("--model", default="base", help="Whisper model (default base)")
+    parser.add_argument("--threads", type=int, default=1, help="SCAIECHO_WHISPER_CPU_THREADS for the server (default 1)")
+    parser.add_argument("--no-profile", action="store_true", help="skip the in-process decode profile at the end")
+    parser.add_argument("--verbose", action="store_true", help="print every delta with its arrival time")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, database) for inspection")
+    args = parser.parse_args(argv)
+    levels = [int(x) for x in args.sessions.split(",") if x.strip()]
+
+    tmp = Path(tempfile.mkdtemp(prefix="scaiecho-bench-stream-"))
+    procs: list[Proc] = []
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        return _run(args, levels, tmp, procs)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+        if args.keep:
+            print(f"kept {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, levels: list[int], tmp: Path, procs: list[Proc]) -> int:
+    t_start = time.perf_counter()
+    n = args.utterances
+    cache = Path("~/.cache/scaiecho/test-speech").expanduser()
+    # Session j of a level speaks sentences j*n .. j*n+n-1, so concurrent sessions say different things.
+    convs = [make_conversation([SENTENCES[(j * n + i) % len(SENTENCES)] for i in range(n)], cache) for j in range(max(levels))]
+    warm = make_conversation([SENTENCES[-1]], cache)
+
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    env.update({
+        "SCAIECHO_DATA_DIR": str(tmp / "data"),
+        "SCAIECHO_WHISPER_MODEL": args.model,
+        "SCAIECHO_WHISPER_CPU_THREADS": str(args.threads),
+        "SCAIECHO_RATELIMIT_PER_KEY": "100000",
+        "SCAIECHO_RATELIMIT_PER_USER": "100000",
+        "SCAIECHO_RATELIMIT_PER_TENANT": "100000",
+        "LOG_LEVEL": "INFO",
+        "PYTHONUNBUFFERED": "1",
+    })
+    manage(env, "migrate", "--noinput", "-v", "0")
+    key = manage(env, "create_api_key", "--tenant", "bench", "--user", "bench", "--role", "tenant_admin")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = Proc("server", [sys.executable, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload"], env, tmp)
+    procs.append(server)
+    deadline = time.monotonic() + 120
+    while True:
+        server.check()
+        try:
+            if httpx.get(f"{base}/healthz", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("server not up within 120 s")
+        time.sleep(0.3)
+    resp = httpx.patch(f"{base}{API}/tenant-policy", headers={"Authorization": f"Bearer {key}"},
+                       json={"allowed_backends": "A", "default_backend": "A"}, timeout=30)
+    if resp.status_code != 200:
+        raise RuntimeError(f"tenant policy: {resp.status_code} {resp.text[:500]}")
+    url = f"ws://127.0.0.1:{port}{API}/stream/transcribe?token={key}"
+
+    t0 = time.perf_counter()
+    warm_result = asyncio.run(run_level(url, [warm]))[0]
+    if warm_result.error:
+        raise RuntimeError(f"warm-up stream failed: {warm_result.error}\n{server.log_path.read_text()[-3000:]}")
+    print(f"model {args.model}, {args.threads} inference thread(s); {n} utterances per session,"
+          f" {convs[0].duration:.1f} s of audio each; warm-up stream (model load) {time.perf_counter() - t0:.1f} s;"
+          f" setup {time.perf_counter() - t_start:.1f} s")
+    print("latencies: seconds from the end (final) / start (first partial) of each utterance in the stream;"
+          " 'late' = sender's worst oversleep")
+
+    done: list[Level] = []
+    pid = [server.process.pid]
+    for k in levels:
+        server.check()
+        c0, w0, s0, m0 = tree_cpu_s(pid), time.perf_counter(), system_busy_s(), tree_cpu_s([os.getpid()])
+        results = asyncio.run(run_level(url, convs[:k]))
+        server_s = tree_cpu_s(pid) - c0
+        other = system_busy_s() - s0 - server_s - (tree_cpu_s([os.getpid()]) - m0)
+        level = Level(k, results, server_s, time.perf_counter() - w0, max(0.0, other))
+        done.append(level)
+        print_level(level, args.verbose)
+        sys.stdout.flush()
+
+    held = [lv.k for lv in done if lv.holds()]
+    # The largest k such that it and every smaller level tried hold.
+    holds = 0
+    for lv in sorted(done, key=lambda lv: lv.k):
+        if not lv.holds():
+            break
+        holds = lv.k
+    print()
+    print(f"sessions one worker holds in real time: {holds}"
+          f" (levels holding: {', '.join(map(str, held)) or 'none'}; target 3: {verdict(holds >= 3)})")
+    one = next((lv for lv in done if lv.k == 1), None)
+    if one:
+        f, p = one.finals(), one.partials()
+        print(f"single session: final p50 {pct(f, 0.5):.2f} s [target <= {FINAL_P50_TARGET}: {verdict(pct(f, 0.5) <= FINAL_P50_TARGET)}],"
+              f" first partial p50 {pct(p, 0.5):.2f} s [target <= {FIRST_PARTIAL_TARGET}: {verdict(pct(p, 0.5) <= FIRST_PARTIAL_TARGET)}]")
+    if not args.no_profile:
+        for proc in procs:
+            proc.stop()
+        procs.clear()
+        profile_decodes(convs[0], args.model, args.threads)
+    print(f"total {time.perf_counter() - t_start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
