@@ -353,6 +353,9 @@ SCAIECHO_STREAM_MAX_FRAME_BYTES = env_int("SCAIECHO_STREAM_MAX_FRAME_BYTES", 102
 SCAIECHO_STREAM_RECHECK_SECONDS = env_float("SCAIECHO_STREAM_RECHECK_SECONDS", 2.0)
 # A stream worker beats every third of this; a client learns of a dead worker within about this.
 SCAIECHO_STREAM_WORKER_TTL_SECONDS = env_float("SCAIECHO_STREAM_WORKER_TTL_SECONDS", 3.0)
+# Models (each with one thread) per stream worker; sessions are spread over them. Two use both
+# cores of a 2-core machine.
+SCAIECHO_STREAM_INFERENCE_THREADS = env_int("SCAIECHO_STREAM_INFERENCE_THREADS", 1)
 # How long finalize/close wait for the stream worker's last deltas.
 SCAIECHO_STREAM_FLUSH_TIMEOUT_SECONDS = env_float("SCAIECHO_STREAM_FLUSH_TIMEOUT_SECONDS", 30.0)
 

@@ -508,7 +508,9 @@ class StreamSession:
                 and seg.avg_logprob < self.logprob_threshold
             ):
                 continue
-            if seg.avg_logprob is not None and seg.avg_logprob < self.logprob_threshold - 0.5:
+            # Whisper's own rule above needs both signs of non-speech; a real but unclear sentence
+            # (espeak's voice often decodes near -1.6) must survive, so only plain garbage goes.
+            if seg.avg_logprob is not None and seg.avg_logprob < self.logprob_threshold - 1.0:
                 continue
             if _compression_ratio(seg.text) > 2.4:  # a repetition loop
                 continue

@@ -6,8 +6,9 @@ back to the consumer's channel. With ``REDIS_URL`` set, web processes and stream
 separate processes (``python manage.py stream_worker``), any number of each; with the embedded
 in-memory channel layer, one worker runs inside the web process, started by the first stream.
 
-All sessions of a worker share one inference thread (one model): each feed is a short unit of
-work, queued in arrival order, so one busy session cannot starve the others.
+Each inference lane is one model and one thread (``SCAIECHO_STREAM_INFERENCE_THREADS`` lanes per
+worker); a session stays on the lane with the fewest sessions when it opens. On a lane each feed
+is a short unit of work, queued in arrival order, so one busy session cannot starve the others.
 
 Messages, consumer → worker: ``session.open`` (session_id, reply_to, language, chunk_seconds),
 ``session.audio`` (session_id, pcm: s16le 16 kHz mono bytes), ``session.finalize``,
@@ -48,20 +49,34 @@ def float_to_pcm(samples: np.ndarray) -> bytes:
 
 
 @dataclass
+class _Lane:
+    """One model and the one thread that runs it; a session stays on its lane."""
+
+    engine: Any
+    executor: ThreadPoolExecutor
+    sessions: int = 0
+
+
+@dataclass
 class _Session:
     reply_to: str
     transcriber: Any
-    started: float = field(default_factory=time.monotonic)
+    lane: _Lane
+    started: float | None = None  # when the first audio arrived: the stream clock's zero
     inbox: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
     task: asyncio.Task[None] | None = None
 
 
 class StreamWorker:
-    def __init__(self, *, engine: Any = None) -> None:
+    def __init__(self, *, engine: Any = None, lanes: int | None = None) -> None:
         self.layer = get_channel_layer()
         self.engine = engine
         self.sessions: dict[str, _Session] = {}
-        self.inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scaiecho-inference")
+        count = lanes or settings.SCAIECHO_STREAM_INFERENCE_THREADS
+        self.lanes = [
+            _Lane(engine=None, executor=ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"scaiecho-inference-{i}"))
+            for i in range(count)
+        ]
         self.channel = ""
         self.stopping = asyncio.Event()
 
@@ -73,18 +88,28 @@ class StreamWorker:
         await self.heartbeat()
         # Keep announcing while the model loads (longer than the heartbeat's TTL).
         self.beats = asyncio.create_task(self._beat_forever())
-        await asyncio.get_running_loop().run_in_executor(self.inference, self._load_model)
+        loop = asyncio.get_running_loop()
+        for index, lane in enumerate(self.lanes):
+            await loop.run_in_executor(lane.executor, self._load_model, lane, index)
         return self.channel
 
-    def _load_model(self) -> None:
+    def _load_model(self, lane: _Lane, index: int) -> None:
         from streaming.transcriber import _silero_model, default_decoder
+        from transcription.backends.whisper import WhisperEngine
         from transcription.engine import whisper_engine
 
-        if self.engine is None:
-            self.engine = whisper_engine()
-        self.engine.load()
+        if index == 0:
+            lane.engine = self.engine or whisper_engine()
+        else:  # each further lane has a model of its own, so decodes run side by side
+            lane.engine = WhisperEngine(
+                model_name=settings.SCAIECHO_WHISPER_MODEL,
+                device=settings.SCAIECHO_WHISPER_DEVICE or None,
+                cpu_threads=settings.SCAIECHO_WHISPER_CPU_THREADS,
+                cache_dir=settings.SCAIECHO_WHISPER_CACHE_DIR,
+            )
+        lane.engine.load()
         _silero_model()
-        warm_up = getattr(default_decoder(self.engine), "warm_up", None)
+        warm_up = getattr(default_decoder(lane.engine), "warm_up", None)
         if warm_up is not None:  # compiles Whisper's alignment code now, not in a live session
             warm_up()
 
@@ -129,7 +154,8 @@ class StreamWorker:
                 await self.send(session.reply_to, {"type": "stream.error", "code": "BACKEND_ERROR", "message": "The stream worker is shutting down."})
                 self._drop(session_id)
             await sync_to_async(self._retire, thread_sensitive=False)()
-            self.inference.shutdown(wait=False, cancel_futures=True)
+            for lane in self.lanes:
+                lane.executor.shutdown(wait=False, cancel_futures=True)
 
     def _retire(self) -> None:
         from transcription.services import worker_retire
@@ -164,10 +190,12 @@ class StreamWorker:
     async def open(self, session_id: str, message: dict[str, Any]) -> None:
         from streaming.transcriber import StreamSession
 
+        lane = min(self.lanes, key=lambda candidate: candidate.sessions)
+        lane.sessions += 1
         transcriber = StreamSession(
-            self.engine, chunk_seconds=float(message.get("chunk_seconds", 5.0)), language=message.get("language") or None
+            lane.engine, chunk_seconds=float(message.get("chunk_seconds", 5.0)), language=message.get("language") or None
         )
-        session = _Session(reply_to=message["reply_to"], transcriber=transcriber)
+        session = _Session(reply_to=message["reply_to"], transcriber=transcriber, lane=lane)
         session.task = asyncio.create_task(self._serve(session_id, session))
         self.sessions[session_id] = session
         logger.info("stream session %s opened on %s (%d live)", session_id, self.channel, len(self.sessions))
@@ -179,13 +207,15 @@ class StreamWorker:
                 message = await session.inbox.get()
                 kind = message["type"]
                 if kind == "session.audio":
+                    if session.started is None:
+                        session.started = time.monotonic()
                     now = time.monotonic() - session.started
                     samples = pcm_to_float(message["pcm"])
-                    deltas = await loop.run_in_executor(self.inference, session.transcriber.feed, samples, now)
+                    deltas = await loop.run_in_executor(session.lane.executor, session.transcriber.feed, samples, now)
                 elif kind == "session.finalize":
-                    deltas = await loop.run_in_executor(self.inference, session.transcriber.finalize)
+                    deltas = await loop.run_in_executor(session.lane.executor, session.transcriber.finalize)
                 elif kind == "session.close":
-                    deltas = await loop.run_in_executor(self.inference, session.transcriber.close)
+                    deltas = await loop.run_in_executor(session.lane.executor, session.transcriber.close)
                 else:
                     continue
                 for delta in deltas:
@@ -205,7 +235,10 @@ class StreamWorker:
 
     def _drop(self, session_id: str) -> None:
         session = self.sessions.pop(session_id, None)
-        if session is not None and session.task is not None and session.task is not asyncio.current_task():
+        if session is None:
+            return
+        session.lane.sessions -= 1
+        if session.task is not None and session.task is not asyncio.current_task():
             session.task.cancel()
 
     async def send(self, channel: str, message: dict[str, Any]) -> None:

@@ -169,29 +169,6 @@ def test_silence_alone_gives_no_text(stream_worker):
     assert [f["type"] for f in frames] == ["closed"]
 
 
-def test_a_killed_stream_worker_ends_its_sessions_promptly(tmp_path, conversation_wav):
-    worker = StreamWorkerProcess(tmp_path / "doomed.log")
-    try:
-        wait_until_announced()
-        key = issue(Role.TENANT_VIEWER, policy=("A", "A"))
-
-        async def scenario():
-            async with Client(f"{PATH}?token={key.secret}") as client:
-                await client.send({"type": "open", "media_type": "audio/wav"})
-                await client.next_frame()
-                await client.ws.send_to(bytes_data=conversation_wav[:32044])
-                await asyncio.to_thread(worker.kill)
-                killed_at = time.monotonic()
-                frames, code = await client.frames_until_close(wait=30)
-                return frames, code, time.monotonic() - killed_at
-
-        frames, code, waited = run(scenario())
-        assert_error_close(frames, code, 4502, "BACKEND_ERROR")
-        assert waited < 6
-    finally:
-        worker.stop()
-
-
 def test_sessions_spread_over_two_workers_and_survive_the_other_ones_death(stream_worker, tmp_path, conversation_wav):
     """Two stream workers on Redis: sessions land on both; killing one ends only its sessions."""
     second = StreamWorkerProcess(tmp_path / "second.log")
