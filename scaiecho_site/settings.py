@@ -356,6 +356,8 @@ SCAIECHO_STREAM_WORKER_TTL_SECONDS = env_float("SCAIECHO_STREAM_WORKER_TTL_SECON
 # Models (each with one thread) per stream worker; sessions are spread over them. Two use both
 # cores of a 2-core machine.
 SCAIECHO_STREAM_INFERENCE_THREADS = env_int("SCAIECHO_STREAM_INFERENCE_THREADS", 1)
+# When this many feeds wait on a lane, new feeds skip partial decodes (finals only).
+SCAIECHO_STREAM_BUSY_QUEUE = env_int("SCAIECHO_STREAM_BUSY_QUEUE", 1)
 # How long finalize/close wait for the stream worker's last deltas.
 SCAIECHO_STREAM_FLUSH_TIMEOUT_SECONDS = env_float("SCAIECHO_STREAM_FLUSH_TIMEOUT_SECONDS", 30.0)
 

@@ -55,6 +55,7 @@ class _Lane:
     engine: Any
     executor: ThreadPoolExecutor
     sessions: int = 0
+    queued: int = 0  # feeds waiting for or running on this lane's thread
 
 
 @dataclass
@@ -210,8 +211,18 @@ class StreamWorker:
                     if session.started is None:
                         session.started = time.monotonic()
                     now = time.monotonic() - session.started
+                    if session.lane.queued >= settings.SCAIECHO_STREAM_BUSY_QUEUE:
+                        # The lane is shared and backed up: this feed makes finals only, so that
+                        # finals of every session keep up instead of all falling behind.
+                        now = float("inf")
                     samples = pcm_to_float(message["pcm"])
-                    deltas = await loop.run_in_executor(session.lane.executor, session.transcriber.feed, samples, now)
+                    session.lane.queued += 1
+                    try:
+                        deltas = await loop.run_in_executor(
+                            session.lane.executor, session.transcriber.feed, samples, now
+                        )
+                    finally:
+                        session.lane.queued -= 1
                 elif kind == "session.finalize":
                     deltas = await loop.run_in_executor(session.lane.executor, session.transcriber.finalize)
                 elif kind == "session.close":
