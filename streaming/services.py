@@ -153,7 +153,9 @@ def stream_finish(*, grant: StreamGrant, ctx: ActorContext, audio_duration_ms: i
 
 def wav_bytes(samples: np.ndarray, *, rate: int = 16_000) -> bytes:
     """16-bit mono WAV of float samples, the format a relay surely accepts."""
-    pcm = (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2").tobytes()
+    from streaming.worker import float_to_pcm
+
+    pcm = float_to_pcm(samples)
     out = io.BytesIO()
     with wave.open(out, "wb") as writer:
         writer.setnchannels(1)

@@ -4,10 +4,8 @@ streams it, and the final captions are checked by word error rate."""
 
 from __future__ import annotations
 
-import io
 import os
 import time
-import wave
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import numpy as np
 import playwright.sync_api as playwright_sync  # noqa: E402
 import pytest
 
+from streaming.services import wav_bytes
 from streaming.tokens import caption_token_issue, caption_token_key
 from tenants.models import Role
 from tests.speech import synth_speech, word_error_rate
@@ -46,25 +45,15 @@ def _orm_beside_playwright(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
 
 
-def _wav(samples: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    with wave.open(out, "wb") as writer:
-        writer.setnchannels(1)
-        writer.setsampwidth(2)
-        writer.setframerate(16000)
-        writer.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
-    return out.getvalue()
-
-
 @pytest.fixture(scope="module")
-def speech_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def speechwav_bytes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """0.5 s silence, the two sentences (0.6 s apart), 2 s silence: 16 kHz mono s16 WAV."""
     def silence(seconds: float) -> np.ndarray:
         return np.zeros(int(seconds * 16000), dtype=np.float32)
 
     first, second = (decode_audio(synth_speech(text)).samples for text in SENTENCES)
     path = tmp_path_factory.mktemp("speech") / "captions.wav"
-    path.write_bytes(_wav(np.concatenate([silence(0.5), first, silence(0.6), second, silence(2.0)])))
+    path.write_bytes(wav_bytes(np.concatenate([silence(0.5), first, silence(0.6), second, silence(2.0)])))
     return path
 
 

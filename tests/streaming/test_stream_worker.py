@@ -4,13 +4,9 @@ the Redis channel layer, transcribing espeak-ng speech sent at real-time pace.""
 from __future__ import annotations
 
 import asyncio
-import io
 import os
-import signal
-import subprocess
 import sys
 import time
-import wave
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +14,9 @@ import numpy as np
 import pytest
 from django.utils import timezone
 
+from streaming.services import wav_bytes
 from tenants.models import Role
+from tests.processes import ManagedProcess
 from tests.speech import synth_speech, word_error_rate
 from tests.streaming.test_consumer import PATH, Client, assert_error_close, issue, run
 from tests.transcription.conftest import database_url_for_workers
@@ -35,34 +33,13 @@ UTTERANCES = [
 ]
 
 
-class StreamWorkerProcess:
+class StreamWorkerProcess(ManagedProcess):
+    """``manage.py stream_worker`` on the test database; ready once it has loaded its model."""
+
     def __init__(self, log_path: Path) -> None:
-        self.log_path = log_path
-        self._log = log_path.open("ab")
         env = {**os.environ, "DATABASE_URL": database_url_for_workers(), "SCAIECHO_WHISPER_CPU_THREADS": "1"}
-        self.process = subprocess.Popen(
-            [sys.executable, "manage.py", "stream_worker"], cwd=ROOT, env=env,
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        deadline = time.monotonic() + 120
-        while b" ready" not in log_path.read_bytes():
-            assert self.process.poll() is None, log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, "stream worker did not start"
-            time.sleep(0.2)
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self._log.close()
+        super().__init__(command=[sys.executable, "manage.py", "stream_worker"], env=env, log_path=log_path)
+        self.wait_for_log(b" ready", timeout=120, what="stream worker")
 
 
 @pytest.fixture(scope="module")
@@ -89,14 +66,7 @@ def conversation_wav() -> bytes:
     silence = np.zeros(int(1.2 * 16000), dtype=np.float32)
     for text in UTTERANCES:
         pieces += [decode_audio(synth_speech(text)).samples, silence]
-    samples = np.concatenate(pieces)
-    out = io.BytesIO()
-    with wave.open(out, "wb") as writer:
-        writer.setnchannels(1)
-        writer.setsampwidth(2)
-        writer.setframerate(16000)
-        writer.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
-    return out.getvalue()
+    return wav_bytes(np.concatenate(pieces))
 
 
 async def stream_real_time(client: Client, wav: bytes, *, chunk_ms: int = 100) -> list[tuple[float, dict]]:

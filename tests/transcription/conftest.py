@@ -8,10 +8,7 @@ pointed at a local server that speaks OpenAI's transcription protocol.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +16,7 @@ from typing import Any
 import pytest
 from django.conf import settings
 
+from tests.processes import ManagedProcess
 from tests.relay_server import RelayServer
 from transcription.services import worker_heartbeat
 
@@ -32,44 +30,20 @@ def database_url_for_workers() -> str:
     return f"postgres://{db['USER'] or 'postgres'}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
 
 
-class WorkerProcess:
+class WorkerProcess(ManagedProcess):
     """``celery -A scaiecho_site worker`` as an operator starts it, with a few settings for tests."""
 
     def __init__(self, *, name: str, env: dict[str, str], log_path: Path, queue: str = "celery", concurrency: int = 2) -> None:
         self.name = name
         self.node = f"{name}@{os.uname().nodename}"
-        self.log_path = log_path
-        self._log = log_path.open("ab")
-        self.process = subprocess.Popen(
-            [CELERY, "-A", "scaiecho_site", "worker", "-n", self.node, "-Q", queue, f"--concurrency={concurrency}", "--loglevel=INFO"],
-            cwd=ROOT,
+        super().__init__(
+            command=[CELERY, "-A", "scaiecho_site", "worker", "-n", self.node, "-Q", queue, f"--concurrency={concurrency}", "--loglevel=INFO"],
             env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            log_path=log_path,
         )
 
     def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while b" ready." not in self.log_path.read_bytes():
-            assert self.process.poll() is None, self.log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, "worker did not start"
-            time.sleep(0.2)
-
-    def kill(self) -> None:
-        """SIGKILL the whole worker: the main process and its pool, as a crash or OOM would."""
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self._log.close()
+        self.wait_for_log(b" ready.", timeout=timeout, what="worker")
 
 
 @pytest.fixture(scope="session")
@@ -129,7 +103,7 @@ def no_worker_alive(settings: Any) -> None:
     }
 
 
-class DaphneServer:
+class DaphneServer(ManagedProcess):
     """``manage.py runserver`` (daphne, ASGI) as a subprocess on a free port, on the test database."""
 
     def __init__(self, *, env: dict[str, str], log_path: Path) -> None:
@@ -139,29 +113,20 @@ class DaphneServer:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self._log = log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "manage.py", "runserver", f"127.0.0.1:{self.port}", "--noreload", "--skip-checks"],
-            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        super().__init__(
+            command=[sys.executable, "manage.py", "runserver", f"127.0.0.1:{self.port}", "--noreload", "--skip-checks"],
+            env=env,
+            log_path=log_path,
         )
+        self.wait_until(self._answers, timeout=60, what="daphne")
+
+    def _answers(self) -> bool:
         import httpx
 
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert self.process.poll() is None, log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, "daphne did not start"
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=30)
-        self._log.close()
+        try:
+            return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
 
 
 @pytest.fixture(scope="session")
