@@ -289,9 +289,12 @@ class TranscribeStreamConsumer(AsyncWebsocketConsumer):
     async def complete(self) -> None:
         if self.closing:
             return
+        self.closing = True
+        # Meter and audit first: once a client reads ``closed``, its usage is on record.
+        await self.settle("closed")
         duration_ms = round(self.samples_in / SAMPLE_RATE * 1000)
         await self.send_json({"type": "closed", "audio_bytes": self.audio_bytes, "audio_duration_ms": duration_ms})
-        await self.end(CLOSE_NORMAL, outcome="closed")
+        await self.close(code=CLOSE_NORMAL)
 
     # --- Backend B: one relay request per chunk -----------------------------------------------
 
@@ -381,8 +384,8 @@ class TranscribeStreamConsumer(AsyncWebsocketConsumer):
 
     async def end(self, code: int, *, outcome: str) -> None:
         self.closing = True
-        await self.close(code=code)
         await self.settle(outcome)
+        await self.close(code=code)
 
     async def settle(self, outcome: str) -> None:
         if self.grant is not None and not getattr(self, "settled", False):

@@ -46,7 +46,7 @@ def _orm_beside_playwright(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def speechwav_bytes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def speech_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """0.5 s silence, the two sentences (0.6 s apart), 2 s silence: 16 kHz mono s16 WAV."""
     def silence(seconds: float) -> np.ndarray:
         return np.zeros(int(seconds * 16000), dtype=np.float32)
