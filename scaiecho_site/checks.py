@@ -45,6 +45,17 @@ def production_settings_check(app_configs: Any = None, **kwargs: Any) -> list[ch
                 id="scaiecho.E003",
             )
         )
+    if not settings.SCAIECHO_BIOMETRIC_KEYS:
+        errors.append(
+            checks.Error(
+                "SCAIECHO_BIOMETRIC_KEYS is not set.",
+                hint=(
+                    "Production mode needs a key that encrypts voice embeddings and consent recordings at rest: "
+                    "python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'"
+                ),
+                id="scaiecho.E004",
+            )
+        )
     return errors
 
 

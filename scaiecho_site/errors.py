@@ -93,6 +93,21 @@ class ValidationError(ApplicationError):
     default_message = "The request is not valid."
 
 
+class SpeakerPreflightFailed(ValidationError):
+    """The reference recording is unfit for a voice profile; ``fail_reasons`` says why."""
+
+    code = "SCAIECHO_SPEAKER_PREFLIGHT_FAILED"
+    default_message = "The reference recording did not pass the quality checks."
+
+    def __init__(self, message: str | None = None, *, fail_reasons: list[str], measurements: dict[str, float]) -> None:
+        self.fail_reasons = fail_reasons
+        self.measurements = measurements
+        super().__init__(message, details=[{"field": "reference", "message": reason} for reason in fail_reasons])
+
+    def as_error_body(self) -> dict[str, Any]:
+        return {**super().as_error_body(), "fail_reasons": self.fail_reasons, "measurements": self.measurements}
+
+
 class RateLimited(ApplicationError):
     code = "RATE_LIMITED"
     http_status = 429

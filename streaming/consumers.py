@@ -88,6 +88,7 @@ def parse_open(frame: dict[str, Any]) -> dict[str, Any]:
         "chunk_seconds": frame.get("chunk_seconds", 5.0),
         "sample_rate": frame.get("sample_rate", SAMPLE_RATE),
         "diarize": frame.get("diarize", False),
+        "speaker_ids": frame.get("speaker_ids", []),
     }
     language = options["language_hint"]
     if language is not None and not (isinstance(language, str) and len(language) == 2 and language.isalpha() and language.islower()):
@@ -104,6 +105,11 @@ def parse_open(frame: dict[str, Any]) -> dict[str, Any]:
         raise protocol_error("sample_rate must be an integer from 8000 to 192000.", "sample_rate")
     if not isinstance(options["diarize"], bool):
         raise protocol_error("diarize must be true or false.", "diarize")
+    ids = options["speaker_ids"]
+    if not isinstance(ids, list) or not all(isinstance(value, str) for value in ids) or len(ids) > 100:
+        raise protocol_error("speaker_ids must be a list of up to 100 speaker id strings.", "speaker_ids")
+    if ids and not options["diarize"]:
+        raise protocol_error("speaker_ids only applies with diarize: true.", "speaker_ids")
     unknown = set(frame) - {"type", *options}
     if unknown:
         raise protocol_error(f"Unknown field {sorted(unknown)[0]!r} in the open frame.", sorted(unknown)[0])
@@ -196,7 +202,11 @@ class TranscribeStreamConsumer(AsyncWebsocketConsumer):
         self.options = options
         await ensure_embedded_worker()
         self.grant = await database_sync_to_async(stream_open)(
-            key=self.key, ctx=self.actor(), backend_preference=options["backend_preference"], diarize=options["diarize"]
+            key=self.key,
+            ctx=self.actor(),
+            backend_preference=options["backend_preference"],
+            diarize=options["diarize"],
+            speaker_ids=options["speaker_ids"],
         )
         if self.grant.backend == "A":
             self.worker_channel = await database_sync_to_async(stream_worker_pick)()
@@ -205,6 +215,9 @@ class TranscribeStreamConsumer(AsyncWebsocketConsumer):
                 reply_to=self.channel_name,
                 language=options["language_hint"],
                 chunk_seconds=options["chunk_seconds"],
+                diarize=options["diarize"],
+                tenant_id=str(self.grant.tenant_id),
+                speaker_ids=options["speaker_ids"],
             )
         else:
             self.tasks.append(asyncio.create_task(self.relay_chunks()))
@@ -340,6 +353,9 @@ class TranscribeStreamConsumer(AsyncWebsocketConsumer):
         if self.closing:
             return
         delta = {key: message[key] for key in ("text", "is_final", "start", "end", "confidence")}
+        if self.options["diarize"]:
+            delta["speaker_id"] = message.get("speaker_id")
+            delta["speaker_label"] = message.get("speaker_label")
         await self.send_json({"type": "delta", **delta})
 
     async def stream_flushed(self, message: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ from scaiecho_site import errors
 from streaming.tokens import CAPTION_TOKEN_PREFIX, caption_token_key
 from tenants.authentication import api_key_from_token
 from tenants.context import ActorContext
+from speakers.selectors import unknown_speaker_ids
 from tenants.models import PERM_DIARIZE, PERM_TRANSCRIBE, ApiKey, AuditEvent
 from tenants.selectors import membership_permissions
 from tenants.services import (
@@ -69,7 +70,7 @@ def stream_authenticate(*, token: str | None) -> ApiKey:
 
 
 def stream_open(
-    *, key: ApiKey, ctx: ActorContext, backend_preference: str, diarize: bool
+    *, key: ApiKey, ctx: ActorContext, backend_preference: str, diarize: bool, speaker_ids: list[str] | None = None
 ) -> StreamGrant:
     """Authorize, check the budget and resolve the backend once for the whole session."""
     membership = key.membership
@@ -82,15 +83,25 @@ def stream_open(
         if needed not in permissions:
             audit_permission_denied(ctx=ctx, action="stream.open", reason="permission_denied")
             raise errors.PermissionDenied(f"This stream needs the permission {needed}.")
-    if diarize:
+    unknown = unknown_speaker_ids(tenant_id=tenant.pk, speaker_ids=speaker_ids or [])
+    if unknown:
         raise errors.ValidationError(
-            "Speaker-attributed streams are not available yet.",
-            details=[{"field": "diarize", "message": "Not available yet."}],
+            f"speaker_ids names no speaker of this tenant: {unknown[0]}.",
+            details=[{"field": "speaker_ids", "message": f"unknown speaker {value}"} for value in unknown],
         )
     budget_check(tenant=tenant, ctx=ctx)
+    if diarize and backend_preference == "any":  # speaker attribution runs on Backend A
+        backend_preference = "prefer_self_hosted"
     backend = policy_resolve_backend(
         policy=policy_get_or_provision(tenant=tenant), preference=backend_preference, is_available=stream_backend_available
     )
+    if diarize and backend != "A":
+        # Voices are compared by our stream workers' speaker model; Backend B streams are relayed
+        # chunk by chunk from the web process, where no model runs.
+        raise errors.ValidationError(
+            "Speaker-attributed streams run on Backend A; this tenant's policy resolved Backend B.",
+            details=[{"field": "diarize", "message": "needs backend A (backend_preference prefer_self_hosted)"}],
+        )
     session_id = f"str_{uuid.uuid4().hex}"
     audit_record(ctx=ctx, action="stream.open", resource_type="stream_session", resource_id=session_id, details={"backend": backend})
     return StreamGrant(

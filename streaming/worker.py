@@ -38,6 +38,7 @@ from transcription.models import SpeechWorker
 logger = logging.getLogger("scaiecho.stream_worker")
 
 CHANNEL_PREFIX = "scaiecho.streamworker."
+SAMPLE_RATE = 16000
 
 
 def pcm_to_float(pcm: bytes) -> np.ndarray:
@@ -58,6 +59,32 @@ class _Lane:
     queued: int = 0  # feeds waiting for or running on this lane's thread
 
 
+# How much of a diarized session's recent audio the worker keeps, to embed each final's span.
+SPEAKER_HISTORY_SECONDS = 90
+
+
+@dataclass
+class _Speakers:
+    """A diarized session's speaker state: its tracker and its recent audio (memory only)."""
+
+    tenant_id: str
+    speaker_ids: list[str]
+    tracker: Any
+    audio: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+    offset: int = 0  # stream sample index of audio[0]
+
+    def append(self, samples: np.ndarray) -> None:
+        self.audio = np.concatenate([self.audio, samples])
+        excess = self.audio.size - SPEAKER_HISTORY_SECONDS * SAMPLE_RATE
+        if excess > 0:
+            self.audio = self.audio[excess:]
+            self.offset += excess
+
+    def window(self) -> tuple[np.ndarray, float]:
+        """The kept audio and its start in stream seconds."""
+        return self.audio, self.offset / SAMPLE_RATE
+
+
 @dataclass
 class _Session:
     reply_to: str
@@ -66,6 +93,7 @@ class _Session:
     started: float | None = None  # when the first audio arrived: the stream clock's zero
     inbox: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
     task: asyncio.Task[None] | None = None
+    speakers: _Speakers | None = None
 
 
 class StreamWorker:
@@ -80,6 +108,8 @@ class StreamWorker:
         ]
         self.channel = ""
         self.stopping = asyncio.Event()
+        # Speaker embeddings for diarized sessions: one thread, so it never delays a lane's decode.
+        self.speaker_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scaiecho-speakers")
 
     # --- life cycle ---------------------------------------------------------------------------
 
@@ -157,6 +187,7 @@ class StreamWorker:
             await sync_to_async(self._retire, thread_sensitive=False)()
             for lane in self.lanes:
                 lane.executor.shutdown(wait=False, cancel_futures=True)
+            self.speaker_executor.shutdown(wait=False, cancel_futures=True)
 
     def _retire(self) -> None:
         from transcription.services import worker_retire
@@ -197,6 +228,15 @@ class StreamWorker:
             lane.engine, chunk_seconds=float(message.get("chunk_seconds", 5.0)), language=message.get("language") or None
         )
         session = _Session(reply_to=message["reply_to"], transcriber=transcriber, lane=lane)
+        if message.get("diarize"):
+            from speakers.diarization import SpeakerTracker
+            from speakers.embedding import speaker_encoder
+
+            session.speakers = _Speakers(
+                tenant_id=message["tenant_id"], speaker_ids=list(message.get("speaker_ids") or []), tracker=SpeakerTracker()
+            )
+            # Load the speaker model now (once per worker), not when the first final is due.
+            asyncio.get_running_loop().run_in_executor(self.speaker_executor, speaker_encoder)
         session.task = asyncio.create_task(self._serve(session_id, session))
         self.sessions[session_id] = session
         logger.info("stream session %s opened on %s (%d live)", session_id, self.channel, len(self.sessions))
@@ -216,6 +256,8 @@ class StreamWorker:
                         # finals of every session keep up instead of all falling behind.
                         now = float("inf")
                     samples = pcm_to_float(message["pcm"])
+                    if session.speakers is not None:
+                        session.speakers.append(samples)
                     session.lane.queued += 1
                     try:
                         deltas = await loop.run_in_executor(
@@ -230,7 +272,10 @@ class StreamWorker:
                 else:
                     continue
                 for delta in deltas:
-                    await self.send(session.reply_to, {"type": "stream.delta", **asdict(delta)})
+                    fields = asdict(delta)
+                    if session.speakers is not None:
+                        fields.update(await self._attribute(session.speakers, delta))
+                    await self.send(session.reply_to, {"type": "stream.delta", **fields})
                 if kind == "session.finalize":
                     await self.send(session.reply_to, {"type": "stream.flushed"})
                 elif kind == "session.close":
@@ -243,6 +288,14 @@ class StreamWorker:
             logger.exception("stream session %s failed", session_id)
             await self.send(session.reply_to, {"type": "stream.error", "code": "BACKEND_ERROR", "message": "Transcription failed."})
             self._drop(session_id)
+
+    async def _attribute(self, speakers: _Speakers, delta: Any) -> dict[str, Any]:
+        """Who spoke a final delta; partials carry no speaker yet (``null``)."""
+        if not delta.is_final:
+            return {"speaker_id": None, "speaker_label": None}
+        audio, offset = speakers.window()  # a snapshot: later feeds make new arrays
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.speaker_executor, _attribute_span, speakers, audio, offset, delta.start, delta.end)
 
     def _drop(self, session_id: str) -> None:
         session = self.sessions.pop(session_id, None)
@@ -257,6 +310,26 @@ class StreamWorker:
             await self.layer.send(channel, message)
         except Exception:  # the client is gone or its channel is full: its consumer gives up too
             logger.warning("could not reach stream client %s", channel)
+
+
+def _attribute_span(speakers: _Speakers, audio: np.ndarray, offset: float, start: float, end: float) -> dict[str, Any]:
+    """Embed a final's span and attribute it (in the speaker thread).
+
+    The candidates are read from the database for every final, so a speaker erased while the
+    session runs is not matched again.
+    """
+    from speakers.diarization import diarize_segments
+    from speakers.embedding import speaker_encoder
+    from speakers.selectors import speaker_candidates
+    from transcription.backends.base import Segment
+
+    close_old_connections()
+    candidates = speaker_candidates(tenant_id=speakers.tenant_id, speaker_ids=speakers.speaker_ids)
+    segment = Segment(start=max(0.0, start - offset), end=max(0.0, end - offset), text="")
+    [attributed] = diarize_segments(
+        audio, [segment], encoder=speaker_encoder(), tracker=speakers.tracker, candidates=candidates
+    )
+    return {"speaker_id": attributed.speaker_id, "speaker_label": attributed.speaker_label}
 
 
 _embedded: StreamWorker | None = None

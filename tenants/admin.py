@@ -134,7 +134,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
 class TenantPolicyForm(forms.ModelForm):
     class Meta:
         model = TenantPolicy
-        fields = ("tenant", "allowed_backends", "default_backend")
+        fields = ("tenant", "allowed_backends", "default_backend", "speaker_review_required")
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean()
@@ -151,8 +151,8 @@ class TenantPolicyForm(forms.ModelForm):
 @admin.register(TenantPolicy)
 class TenantPolicyAdmin(admin.ModelAdmin):
     form = TenantPolicyForm
-    list_display = ("tenant", "allowed_backends", "default_backend", "updated_at")
-    list_filter = ("allowed_backends", "default_backend")
+    list_display = ("tenant", "allowed_backends", "default_backend", "speaker_review_required", "updated_at")
+    list_filter = ("allowed_backends", "default_backend", "speaker_review_required")
 
     def save_model(self, request: HttpRequest, obj: TenantPolicy, form: forms.ModelForm, change: bool) -> None:
         super().save_model(request, obj, form, change)
@@ -161,7 +161,12 @@ class TenantPolicyAdmin(admin.ModelAdmin):
             action="tenant_policy.update" if change else "tenant_policy.create",
             resource_type="tenant_policy",
             resource_id=str(obj.tenant.pk),
-            details={"allowed_backends": obj.allowed_backends, "default_backend": obj.default_backend, "via": "admin"},
+            details={
+                "allowed_backends": obj.allowed_backends,
+                "default_backend": obj.default_backend,
+                "speaker_review_required": obj.speaker_review_required,
+                "via": "admin",
+            },
         )
 
 

@@ -115,6 +115,11 @@ class TenantPolicy(models.Model):
     tenant = models.OneToOneField(Tenant, on_delete=models.CASCADE, related_name="policy")
     allowed_backends = models.CharField(max_length=2, choices=AllowedBackends.choices)
     default_backend = models.CharField(max_length=1, choices=Backend.choices)
+    speaker_review_required = models.BooleanField(
+        "speaker enrollments need a consent review",
+        default=False,
+        help_text="Verified enrollments wait as pending_review until a custodian approves them in the admin.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -26,6 +26,11 @@ from tenants.services import audit_permission_denied, audit_record
 class TenantApiView(APIView):
     required_permission: ClassVar[str]
     audit_action: ClassVar[str]
+    # Per-method actions where one view serves several operations (``{"DELETE": "speaker.erase"}``).
+    audit_actions: ClassVar[dict[str, str]] = {}
+
+    def get_audit_action(self) -> str:
+        return self.audit_actions.get(self.request.method or "", self.audit_action)
 
     def check_permissions(self, request: Request) -> None:
         key: ApiKey | None = request.auth
@@ -42,7 +47,7 @@ class TenantApiView(APIView):
             )
         tenant = membership.tenant
         if not tenant.scaiecho_enabled:
-            audit_permission_denied(ctx=self.actor(request), action=self.audit_action, reason="module_not_enabled")
+            audit_permission_denied(ctx=self.actor(request), action=self.get_audit_action(), reason="module_not_enabled")
             raise errors.ModuleNotEnabled()
         self.require_permission(request, self.required_permission)
         self.permitted = True
@@ -50,7 +55,7 @@ class TenantApiView(APIView):
     def require_permission(self, request: Request, permission: str) -> None:
         """Refuse (and audit) unless the key's member holds ``permission``."""
         if permission not in membership_permissions(membership=request.auth.membership):
-            audit_permission_denied(ctx=self.actor(request), action=self.audit_action, reason="permission_denied")
+            audit_permission_denied(ctx=self.actor(request), action=self.get_audit_action(), reason="permission_denied")
             raise errors.PermissionDenied(f"This call needs the permission {permission}.")
 
     def handle_exception(self, exc: Exception) -> Response:
@@ -59,7 +64,7 @@ class TenantApiView(APIView):
             error = to_application_error(exc)
             audit_record(
                 ctx=self.actor(),
-                action=self.audit_action,
+                action=self.get_audit_action(),
                 outcome=AuditEvent.Outcome.FAILURE,
                 details={"code": error.code, "details": error.details},
             )

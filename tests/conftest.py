@@ -13,6 +13,14 @@ from django.core.cache import cache
 from rest_framework.test import APIClient
 
 from tests.factories import IssuedKey, KeyFactory
+from tests.workers import (  # noqa: F401  (fixtures shared by the end-to-end tests of every app)
+    daphne_server,
+    no_worker_alive,
+    relay,
+    speech_worker,
+    worker_env,
+    worker_process,
+)
 
 
 def _reachable(url: str, default_port: int) -> bool:

@@ -26,6 +26,7 @@ from transcription import formats
 from transcription.audio import sniff_extension
 from transcription.backends.base import Segment, TranscriptionResult, Word
 from transcription.models import TranscriptionJob
+from speakers.selectors import unknown_speaker_ids
 from transcription.selectors import job_for_owner
 from transcription.services import job_create, job_wait
 
@@ -52,12 +53,16 @@ class SegmentOutput(serializers.Serializer):
     start = serializers.FloatField()
     end = serializers.FloatField()
     text = serializers.CharField()
-    speaker_id = serializers.CharField(required=False)
+    speaker_id = serializers.CharField(required=False, allow_null=True)
     speaker_label = serializers.CharField(required=False)
 
     def to_representation(self, instance: Any) -> dict[str, Any]:
-        # Speaker fields appear only on diarized output.
-        return {key: value for key, value in super().to_representation(instance).items() if value is not None}
+        # Speaker fields appear only on diarized output; there an anonymous voice has speaker_id null.
+        data = super().to_representation(instance)
+        if data.get("speaker_label") is None:
+            data.pop("speaker_label", None)
+            data.pop("speaker_id", None)
+        return data
 
 
 class InlineResultOutput(serializers.Serializer):
@@ -146,7 +151,39 @@ def finish_inline(job: TranscriptionJob) -> TranscriptionJob:
     return job
 
 
-class TranscribeApi(TenantApiView):
+def form_with_lists(data: Any, *names: str) -> Any:
+    """Multipart list fields as clients send them: repeated, with ``[]``, or comma-separated."""
+    if not hasattr(data, "getlist"):
+        return data
+    raw = data.copy()
+    for name in names:
+        values = data.getlist(name) + data.getlist(f"{name}[]")
+        values = [part.strip() for value in values for part in str(value).split(",") if part.strip()]
+        if values:
+            raw.setlist(name, values)
+    return raw
+
+
+class DiarizeMixin:
+    def diarize_speakers(self, request: Request, *, diarize: bool, speaker_ids: list[str] | None) -> list[str]:
+        """Check ``scaiecho:diarize`` when asked for, and that every named speaker is the tenant's."""
+        if speaker_ids and not diarize:
+            raise errors.ValidationError(
+                "speaker_ids only applies with diarize=true.", details=[{"field": "speaker_ids", "message": "needs diarize"}]
+            )
+        if not diarize:
+            return []
+        self.require_permission(request, PERM_DIARIZE)
+        unknown = unknown_speaker_ids(tenant_id=self.tenant.pk, speaker_ids=speaker_ids or [])
+        if unknown:
+            raise errors.ValidationError(
+                "Some speaker_ids are not speakers of this tenant.",
+                details=[{"field": "speaker_ids", "message": f"unknown speaker {value}"} for value in unknown],
+            )
+        return list(speaker_ids or [])
+
+
+class TranscribeApi(DiarizeMixin, TenantApiView):
     required_permission = PERM_TRANSCRIBE
     audit_action = "transcription.create"
 
@@ -157,6 +194,7 @@ class TranscribeApi(TenantApiView):
         temperature = serializers.FloatField(min_value=0.0, max_value=1.0, required=False)
         force_async = serializers.BooleanField(default=False)
         diarize = serializers.BooleanField(default=False)
+        speaker_ids = serializers.ListField(child=serializers.CharField(), required=False)
 
     @extend_schema(
         operation_id="transcribe",
@@ -167,15 +205,10 @@ class TranscribeApi(TenantApiView):
         },
     )
     def post(self, request: Request) -> Response:
-        serializer = self.InputSerializer(data=request.data)
+        serializer = self.InputSerializer(data=form_with_lists(request.data, "speaker_ids"))
         serializer.is_valid(raise_exception=True)
         params = serializer.validated_data
-        if params["diarize"]:
-            self.require_permission(request, PERM_DIARIZE)
-            raise errors.ValidationError(
-                "Speaker-attributed transcripts are not available yet.",
-                details=[{"field": "diarize", "message": "Not available yet."}],
-            )
+        speaker_ids = self.diarize_speakers(request, diarize=params["diarize"], speaker_ids=params.get("speaker_ids"))
         data, ext = read_upload(params["file"])
         is_async = len(data) > settings.SCAIECHO_ASYNC_AUDIO_THRESHOLD_BYTES or params["force_async"]
         if not is_async:
@@ -189,6 +222,8 @@ class TranscribeApi(TenantApiView):
             backend_preference=params["backend_preference"],
             language_hint=params.get("language_hint", ""),
             temperature=params.get("temperature"),
+            diarize=params["diarize"],
+            speaker_ids=speaker_ids,
         )
         audit_record(ctx=self.actor(), action="transcription.create", resource_type="transcription_job", resource_id=str(job.id))
         if is_async:
@@ -217,6 +252,8 @@ def result_from_job(job: TranscriptionJob) -> TranscriptionResult:
             end=item["end"],
             text=item["text"],
             words=[Word(**word) for word in item["words"]] if item.get("words") else None,
+            speaker_id=item.get("speaker_id"),
+            speaker_label=item.get("speaker_label"),
         )
         for item in job.segments or []
     ]
@@ -228,7 +265,7 @@ def result_from_job(job: TranscriptionJob) -> TranscriptionResult:
     )
 
 
-class OpenAITranscriptionApi(TenantApiView):
+class OpenAITranscriptionApi(DiarizeMixin, TenantApiView):
     """OpenAI's ``/v1/audio/transcriptions``, so the official SDKs work with a ScaiEcho key."""
 
     required_permission = PERM_TRANSCRIBE
@@ -244,20 +281,19 @@ class OpenAITranscriptionApi(TenantApiView):
         timestamp_granularities = serializers.ListField(
             child=serializers.ChoiceField(choices=["segment", "word"]), required=False
         )
+        speaker_ids = serializers.ListField(child=serializers.CharField(), required=False)
 
     @extend_schema(
         operation_id="openai_audio_transcriptions",
         request={"multipart/form-data": InputSerializer},
-        responses={200: OpenApiResponse(description="json, text, srt, vtt or verbose_json"), 401: ErrorEnvelope, 415: ErrorEnvelope, 422: ErrorEnvelope},
+        responses={200: OpenApiResponse(description="json, text, srt, vtt, verbose_json or diarized_json"), 401: ErrorEnvelope, 415: ErrorEnvelope, 422: ErrorEnvelope},
     )
     def post(self, request: Request) -> Response | HttpResponse:
-        raw = request.data.copy()
-        granularities = request.data.getlist("timestamp_granularities[]") if hasattr(request.data, "getlist") else []
-        if granularities:
-            raw.setlist("timestamp_granularities", granularities)
-        serializer = self.InputSerializer(data=raw)
+        serializer = self.InputSerializer(data=form_with_lists(request.data, "timestamp_granularities", "speaker_ids"))
         serializer.is_valid(raise_exception=True)
         params = serializer.validated_data
+        diarize = params["response_format"] == "diarized_json"
+        speaker_ids = self.diarize_speakers(request, diarize=diarize, speaker_ids=params.get("speaker_ids"))
         granularities = params.get("timestamp_granularities") or ["segment"]
         data, ext = read_upload(params["file"])
         policy_resolve_backend(policy=policy_get_or_provision(tenant=self.tenant))
@@ -271,6 +307,8 @@ class OpenAITranscriptionApi(TenantApiView):
             word_timestamps="word" in granularities,
             prompt=params.get("prompt", ""),
             source=TranscriptionJob.Source.OPENAI,
+            diarize=diarize,
+            speaker_ids=speaker_ids,
         )
         audit_record(ctx=self.actor(), action="transcription.create", resource_type="transcription_job", resource_id=str(job.id))
         job = finish_inline(job)

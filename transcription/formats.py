@@ -3,7 +3,7 @@
 Our ``/oai/v1/audio/transcriptions`` must be a drop-in for existing OpenAI clients, the official
 SDK included, so the shapes follow what OpenAI returns rather than what would be tidiest: JSON
 formats are dicts (the view serialises them), the caption formats are strings. ``diarized_json``
-is not rendered here yet.
+is OpenAI's ``TranscriptionDiarized``, plus our ``speaker_id`` on each segment.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 from transcription.backends.base import Segment, TranscriptionResult, language_name
 
-RESPONSE_FORMATS: tuple[str, ...] = ("json", "text", "srt", "vtt", "verbose_json")
+RESPONSE_FORMATS: tuple[str, ...] = ("json", "text", "srt", "vtt", "verbose_json", "diarized_json")
 
 JSON_CONTENT_TYPE = "application/json"
 TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
@@ -46,6 +46,8 @@ def render(
             render_verbose_json(result, word_timestamps=word_timestamps, segment_timestamps=segment_timestamps),
             JSON_CONTENT_TYPE,
         )
+    if response_format == "diarized_json":
+        return render_diarized_json(result), JSON_CONTENT_TYPE
     raise ValueError(f"Unsupported response_format {response_format!r}; expected one of {RESPONSE_FORMATS}.")
 
 
@@ -123,6 +125,32 @@ def render_verbose_json(
             for word in seg.words or []
         ]
     return body
+
+
+def render_diarized_json(result: TranscriptionResult) -> dict[str, Any]:
+    """OpenAI's ``TranscriptionDiarized``: segments with a ``speaker`` label each.
+
+    ``speaker`` is the enrolled speaker's display name or an anonymous ``SPEAKER_n``; our
+    ``speaker_id`` (the enrolled profile's id, or ``null``) rides along as an extra key.
+    """
+    return {
+        "task": "transcribe",
+        "duration": round(float(result.duration_s), 3),
+        "text": result.text,
+        "segments": [
+            {
+                "type": "transcript.text.segment",
+                "id": f"seg_{index:03d}",
+                "start": seg.start,
+                "end": seg.end,
+                "text": seg.text,
+                "speaker": seg.speaker_label or "SPEAKER_0",
+                "speaker_id": seg.speaker_id,
+            }
+            for index, seg in enumerate(result.segments, start=1)
+        ],
+        "usage": {"type": "duration", "seconds": round(float(result.duration_s), 3)},
+    }
 
 
 def _cues(result: TranscriptionResult) -> list[Segment]:

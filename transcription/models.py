@@ -64,6 +64,9 @@ class TranscriptionJob(models.Model):
     temperature = models.FloatField(null=True, blank=True)
     word_timestamps = models.BooleanField(default=False)
     prompt = models.TextField(blank=True)
+    diarize = models.BooleanField(default=False)
+    # Limits diarization to these enrolled speakers (ids as strings); empty: all ready speakers.
+    speaker_ids = models.JSONField(default=list, blank=True)
 
     # The audio.
     audio_sha256 = models.CharField(max_length=64)

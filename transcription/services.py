@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import timedelta
 from typing import Any
 
@@ -87,6 +87,8 @@ def job_create(
     word_timestamps: bool = False,
     prompt: str = "",
     source: str = TranscriptionJob.Source.API,
+    diarize: bool = False,
+    speaker_ids: list[str] | None = None,
 ) -> TranscriptionJob:
     """Stage the audio, insert the queued job, and enqueue ``process_transcribe_job`` after commit.
 
@@ -108,6 +110,8 @@ def job_create(
         temperature=temperature,
         word_timestamps=word_timestamps,
         prompt=prompt,
+        diarize=diarize,
+        speaker_ids=list(speaker_ids or []),
         audio_sha256=hashlib.sha256(data).hexdigest(),
         audio_bytes=len(data),
         audio_ext=ext,
@@ -176,7 +180,13 @@ def _claim(*, job_id: str, worker_id: str) -> TranscriptionJob | None:
 
 
 def _segments_json(result: TranscriptionResult) -> list[dict[str, Any]]:
-    return [{key: value for key, value in asdict(segment).items() if value is not None} for segment in result.segments]
+    segments = []
+    for segment in result.segments:
+        item = {key: value for key, value in asdict(segment).items() if value is not None}
+        if segment.speaker_label is not None:  # diarized: an anonymous voice keeps speaker_id null
+            item["speaker_id"] = segment.speaker_id
+        segments.append(item)
+    return segments
 
 
 def job_run(*, job_id: str, worker_id: str, final_attempt: bool) -> None:
@@ -200,6 +210,8 @@ def job_run(*, job_id: str, worker_id: str, final_attempt: bool) -> None:
         data = read_staged(name=job.staged_path)
         audio = decode_audio(data, max_duration_s=settings.SCAIECHO_MAX_AUDIO_SECONDS)
         result = _transcribe(job=job, backend=backend, data=data, audio=audio)
+        if job.diarize:
+            result = _diarize(job=job, audio=audio.samples, result=result)
     except errors.UnsupportedMedia:
         _fail(job, reason=REASON_DECODE, code=errors.UnsupportedMedia.code)
         return
@@ -265,7 +277,8 @@ def _transcribe(*, job: TranscriptionJob, backend: str, data: bytes, audio: Any)
             audio.samples,
             language=job.language_hint or None,
             temperature=job.temperature,
-            word_timestamps=job.word_timestamps,
+            # Diarization cuts segments between words where the speaker changes.
+            word_timestamps=job.word_timestamps or job.diarize,
             initial_prompt=job.prompt or None,
         )
     return relay_client().transcribe(
@@ -274,9 +287,31 @@ def _transcribe(*, job: TranscriptionJob, backend: str, data: bytes, audio: Any)
         duration_s=audio.duration_s,
         language=job.language_hint or None,
         temperature=job.temperature,
-        word_timestamps=job.word_timestamps,
+        word_timestamps=job.word_timestamps or job.diarize,
         prompt=job.prompt or None,
     )
+
+
+def _diarize(*, job: TranscriptionJob, audio: Any, result: TranscriptionResult) -> TranscriptionResult:
+    """Attribute the segments to the tenant's enrolled speakers (or ``SPEAKER_n``), on this worker.
+
+    Whichever backend transcribed, the voices are compared here, with this worker's own speaker
+    model: no voice data goes to the relay.
+    """
+    from speakers.diarization import SpeakerTracker, diarize_segments
+    from speakers.embedding import speaker_encoder
+    from speakers.selectors import speaker_candidates
+
+    segments = diarize_segments(
+        audio,
+        result.segments,
+        encoder=speaker_encoder(),
+        tracker=SpeakerTracker(),
+        candidates=speaker_candidates(tenant_id=job.tenant_id, speaker_ids=job.speaker_ids),
+    )
+    if not job.word_timestamps:
+        segments = [replace(segment, words=None) for segment in segments]
+    return replace(result, segments=segments)
 
 
 def jobs_fail_stale(*, now: Any = None) -> int:

@@ -19,7 +19,7 @@ from tenants.models import Role
 from tests.speech import synth_speech, word_error_rate
 from tests.streaming.test_consumer import issue
 from tests.streaming.test_stream_worker import stream_worker, wait_until_announced  # noqa: F401 (fixture)
-from tests.transcription.conftest import DaphneServer, database_url_for_workers
+from tests.workers import DaphneServer, database_url_for_workers
 from transcription.audio import decode_audio
 
 ROOT = Path(__file__).resolve().parents[2]

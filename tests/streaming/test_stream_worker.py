@@ -19,7 +19,7 @@ from tenants.models import Role
 from tests.processes import ManagedProcess
 from tests.speech import synth_speech, word_error_rate
 from tests.streaming.test_consumer import PATH, Client, assert_error_close, issue, run
-from tests.transcription.conftest import database_url_for_workers
+from tests.workers import database_url_for_workers
 from transcription.audio import decode_audio
 from transcription.models import SpeechWorker
 

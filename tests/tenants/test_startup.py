@@ -39,8 +39,23 @@ def run_check(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 def test_production_refuses_to_start_without_secret_hosts_and_database(tmp_path):
     result = run_check(clean_env(tmp_path, SCAIECHO_ENV="production"))
     assert result.returncode != 0
-    for check_id in ("scaiecho.E001", "scaiecho.E002", "scaiecho.E003"):
+    for check_id in ("scaiecho.E001", "scaiecho.E002", "scaiecho.E003", "scaiecho.E004"):
         assert check_id in result.stderr
+
+
+def test_production_refuses_to_start_without_a_biometric_key(tmp_path):
+    """Voice embeddings and consent recordings are encrypted at rest: no key, no start."""
+    env = clean_env(
+        tmp_path,
+        SCAIECHO_ENV="production",
+        SECRET_KEY="a-long-random-production-secret-" * 2,
+        ALLOWED_HOSTS="stt.example.com",
+        DATABASE_URL=os.environ["DATABASE_URL"],
+    )
+    result = run_check(env)
+    assert result.returncode != 0
+    assert "scaiecho.E004" in result.stderr
+    assert "SCAIECHO_BIOMETRIC_KEYS" in result.stderr
 
 
 def test_debug_off_means_production(tmp_path):
@@ -63,6 +78,7 @@ def test_production_with_everything_set_passes(tmp_path):
         SECRET_KEY="a-long-random-production-secret-" * 2,
         ALLOWED_HOSTS="stt.example.com",
         DATABASE_URL=os.environ["DATABASE_URL"],
+        SCAIECHO_BIOMETRIC_KEYS="Jd4vC1a0m2U8mHq3n1ZrQ6b8dYQ2o4yqkV8Jq9vJ3Zs=",
     )
     result = run_check(env)
     assert result.returncode == 0, result.stderr

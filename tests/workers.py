@@ -1,4 +1,4 @@
-"""A real Celery worker process and a real local relay for the end-to-end batch tests.
+"""Real worker processes, a real local relay and a real daphne server for the end-to-end tests.
 
 The worker runs against the test database (committed data only: tests that need it use
 ``transactional_db``) and the same Redis broker, with the default Whisper model, and Backend B
@@ -99,7 +99,7 @@ def no_worker_alive(settings: Any) -> None:
     tested in tests/tenants/test_policy.py."""
     settings.SCAIECHO_BACKEND_AVAILABILITY_CHECKS = {
         **settings.SCAIECHO_BACKEND_AVAILABILITY_CHECKS,
-        "A": "tests.transcription.conftest.never_available",
+        "A": "tests.workers.never_available",
     }
 
 
