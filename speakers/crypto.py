@@ -42,7 +42,9 @@ def development_key(secret_key: str) -> bytes:
 
 
 def _keys() -> list[bytes]:
-    configured = [str(key).strip() for key in getattr(settings, "SCAIECHO_BIOMETRIC_KEYS", []) or [] if str(key).strip()]
+    configured = [
+        str(key).strip() for key in getattr(settings, "SCAIECHO_BIOMETRIC_KEYS", []) or [] if str(key).strip()
+    ]
     if configured:
         return [key.encode() for key in configured]
     if getattr(settings, "SCAIECHO_PRODUCTION", not settings.DEBUG):

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import av
+import numpy as np
 from whisper.normalizers import EnglishTextNormalizer
 
 DEFAULT_SPEECH_CACHE = Path("~/.cache/scaiecho/test-speech")
@@ -116,3 +117,49 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
             )
         previous = current
     return previous[-1] / len(ref)
+
+
+# --- Real recorded speech ---------------------------------------------------------------------------
+# Human voices from Debian packages (see ../shared/models.md), for what synthetic voices cannot
+# show: speaker-verification thresholds are far lower for real people than for espeak-ng voices.
+
+POCKETSPHINX_DATA = Path("/usr/share/pocketsphinx/test/data")
+ALSA_SOUNDS = Path("/usr/share/sounds/alsa")
+REAL_SPEECH_PACKAGES = "pocketsphinx-testdata alsa-utils"
+
+# speaker -> recordings, each a list of files joined into one segment (the ALSA and card clips are
+# single words or phrases of 1-2 s, too short for a voice profile on their own). Four people:
+# a LibriVox reader; the voice of ALSA's channel test; the pocketsphinx "cards" speaker; and
+# David Huggins-Daines (pocketsphinx's maintainer), whose raw 16 kHz s16le test commands and
+# TIDIGITS utterance ("dhd") are one voice by ear and by embedding (cosine 0.53-0.67).
+REAL_SPEAKERS: dict[str, list[list[str]]] = {
+    "librivox": [
+        [f"librivox/sense_and_sensibility_01_austen_64kb-{n}.wav"] for n in ("0870", "0880", "0890", "0920", "0930")
+    ],
+    "alsa": [
+        ["Front_Center.wav", "Front_Left.wav", "Front_Right.wav"],
+        ["Rear_Center.wav", "Rear_Left.wav", "Rear_Right.wav"],
+        ["Side_Left.wav", "Side_Right.wav"],
+    ],
+    "cards": [["cards/001.wav", "cards/002.wav"], ["cards/003.wav", "cards/004.wav"], ["cards/005.wav"]],
+    "dhd": [["goforward.raw"], ["numbers.raw"], ["something.raw"], ["tidigits/dhd.2934z.raw"]],
+}
+
+
+def _real_file(name: str) -> np.ndarray:
+    from transcription.audio import decode_audio
+
+    path = (ALSA_SOUNDS if name[0].isupper() else POCKETSPHINX_DATA) / name
+    if not path.is_file():
+        raise RuntimeError(f"{path} is missing: apt-get install -y {REAL_SPEECH_PACKAGES}")
+    if path.suffix == ".raw":  # headerless 16 kHz mono s16le
+        return np.frombuffer(path.read_bytes(), dtype="<i2").astype(np.float32) / 32768.0
+    return decode_audio(path.read_bytes()).samples
+
+
+def real_speech() -> dict[str, list[np.ndarray]]:
+    """Recordings of four real people as 16 kHz mono float32, by speaker (see ``REAL_SPEAKERS``)."""
+    return {
+        speaker: [np.concatenate([_real_file(name) for name in files]) for files in segments]
+        for speaker, segments in REAL_SPEAKERS.items()
+    }

@@ -36,8 +36,8 @@ UTTERANCES = [
 class StreamWorkerProcess(ManagedProcess):
     """``manage.py stream_worker`` on the test database; ready once it has loaded its model."""
 
-    def __init__(self, log_path: Path) -> None:
-        env = {**os.environ, "DATABASE_URL": database_url_for_workers(), "SCAIECHO_WHISPER_CPU_THREADS": "1"}
+    def __init__(self, log_path: Path, **extra_env: str) -> None:
+        env = {**os.environ, "DATABASE_URL": database_url_for_workers(), "SCAIECHO_WHISPER_CPU_THREADS": "1", **extra_env}
         super().__init__(command=[sys.executable, "manage.py", "stream_worker"], env=env, log_path=log_path)
         self.wait_for_log(b" ready", timeout=120, what="stream worker")
 

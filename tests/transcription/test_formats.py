@@ -155,4 +155,24 @@ def test_verbose_json_words_only_when_asked() -> None:
 
 def test_unknown_formats_are_refused() -> None:
     with pytest.raises(ValueError, match="diarized_json"):
-        body(HELLO, "diarized_json")
+        body(HELLO, "srt_with_colours")
+
+
+def test_diarized_json_is_openais_diarized_shape_with_our_speaker_ids() -> None:
+    from dataclasses import replace
+
+    from openai.types.audio import TranscriptionDiarized
+
+    diarized = replace(
+        HELLO,
+        segments=[
+            replace(HELLO.segments[0], speaker_id="8d5e5a0e-0000-4000-8000-000000000001", speaker_label="Alice"),
+            replace(HELLO.segments[1], speaker_id=None, speaker_label="SPEAKER_1"),
+        ],
+    )
+    rendered = body(diarized, "diarized_json")
+    parsed = TranscriptionDiarized.model_validate(rendered)  # what the official SDK builds from it
+    assert [segment.speaker for segment in parsed.segments] == ["Alice", "SPEAKER_1"]
+    assert [segment["speaker_id"] for segment in rendered["segments"]] == ["8d5e5a0e-0000-4000-8000-000000000001", None]
+    assert parsed.text == HELLO.text
+    assert [(s.start, s.end) for s in parsed.segments] == [(s.start, s.end) for s in HELLO.segments]
