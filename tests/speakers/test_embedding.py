@@ -24,8 +24,9 @@ pytestmark = pytest.mark.slow
 
 ENROLL_TEXT = "The birch canoe slid on the smooth planks. Glue the sheet to the dark blue background."
 PROBE_TEXT = "Four hours of steady work faced us, and the meal was cooked before the bell rang."
-# Clearly different espeak-ng speakers (../shared/models.md).
-VOICES = ["en-us", "en+m3", "en-gb-scotland+david", "en+f3", "en-us+Annie", "en-029+Andy"]
+# Clearly different espeak-ng speakers (../shared/models.md). Not "en+m3": it is en-us's voice with
+# a variant, and its speech scores closer to an en-us profile than to its own (0.86 against 0.80).
+VOICES = ["en-us", "en+m7", "en-gb-scotland+david", "en+f3", "en-us+Annie", "en-029+Andy"]
 
 
 def espeak(text: str, voice: str) -> np.ndarray:
@@ -113,9 +114,9 @@ def test_unusable_audio_is_refused(encoder: SpeakerEncoder, audio: np.ndarray, m
 
 
 def test_long_audio_is_embedded_in_chunks_and_still_matches(encoder: SpeakerEncoder, real) -> None:
-    # Given 25 s of one reader (three 10 s chunks' worth) and a profile from another recording of him
+    # Given 21 s of one reader (embedded as two ~10 s chunks) and another recording of him
     long = np.concatenate(real["librivox"][:4])
-    assert long.size > 2.5 * encoder.chunk_samples
+    assert long.size > 2 * encoder.chunk_samples
     # When the long recording is embedded, then it is still clearly him and not anyone else
     vector = encoder.embed(long)
     assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-5)
