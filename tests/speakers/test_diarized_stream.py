@@ -13,7 +13,7 @@ import pytest
 from streaming.worker import float_to_pcm
 from tenants.models import Role, TenantPolicy
 from tests.factories import KeyFactory
-from tests.speakers.test_enrollment import CONVERSATION, STRANGER, Turn, conversation
+from tests.speakers.test_enrollment import CONVERSATION, Turn, conversation
 from tests.speakers.voices import ALICE, BORIS, CARL, SPEAKERS_URL, enroll_ready
 from tests.streaming.test_consumer import PATH, Client, assert_error_close, run
 from tests.streaming.test_stream_worker import StreamWorkerProcess, wait_until_announced
@@ -86,7 +86,7 @@ def test_diarized_stream_labels_finals_and_forgets_an_erased_speaker(api, speech
         async with Client(f"{PATH}?token={enroller.secret}") as client:
             await client.send({"type": "open", "media_type": "audio/pcm", "sample_rate": 16000, "language_hint": "en", "diarize": True})
             ready = await client.next_frame()
-            assert ready["type"] == "ready" and ready["backend_used"] == "A", ready
+            assert (ready["type"], ready["backend_used"]) == ("ready", "A"), ready
             await send_real_time(client, one, finals)
             await client.send({"type": "finalize"})
             await asyncio.sleep(1.5)
@@ -116,7 +116,9 @@ def test_diarized_stream_labels_finals_and_forgets_an_erased_speaker(api, speech
     [stranger] = set(first[2])
     assert stranger.startswith("SPEAKER_")
     by_label = {f["speaker_label"]: f["speaker_id"] for f in finals}
-    assert by_label["Alice"] == ids["Alice"] and by_label["Boris"] == ids["Boris"] and by_label[stranger] is None
+    assert by_label["Alice"] == ids["Alice"]
+    assert by_label["Boris"] == ids["Boris"]
+    assert by_label[stranger] is None
     second = labels_by_turn(finals[before:], turns_two)
     assert "Boris" not in second[0], second  # erased mid-stream: never matched again
     assert all(label.startswith("SPEAKER_") and label != stranger for label in second[0]), second

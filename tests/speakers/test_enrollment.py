@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
+from django.conf import settings
 from django.core.files.storage import default_storage
 from django.core.files.uploadedfile import SimpleUploadedFile
 
 from speakers import crypto
 from speakers.embedding import EMBEDDING_DIM, embedding_from_bytes
 from speakers.models import ConsentEvent, ConsentRecord, ErasureAudit, Speaker, SpeakerEmbedding
+from speakers.services import STORAGE_PREFIX
 from streaming.services import wav_bytes
 from tenants.models import Role, TenantPolicy
 from tests.factories import KeyFactory
@@ -136,6 +140,10 @@ def test_erasure_destroys_the_embedding_and_both_recordings(api, speech_worker, 
     assert audit.actor_id == enroller.membership.user_id
     speaker = Speaker.objects.get(pk=speaker_id)
     assert (speaker.status, speaker.display_name) == ("erased", "")
+    # Nothing about the speaker is cached anywhere: diarization reads candidates fresh each time.
+    cache = redis.Redis.from_url(settings.REDIS_URL)
+    assert list(cache.scan_iter(match=f"*{speaker_id}*")) == []
+    assert not list(Path(settings.MEDIA_ROOT, STORAGE_PREFIX).glob(f"{speaker_id}/*"))
 
 
 # --- Diarized batch ------------------------------------------------------------------------------
@@ -194,14 +202,16 @@ def test_diarized_batch_attributes_each_turn_to_the_right_speaker(api, speech_wo
     assert stranger.startswith("SPEAKER_")
     assert found == [{"Alice"}, {"Boris"}, {"Carl"}, {stranger}, {"Alice"}, {stranger}]
     by_label = {s["speaker_label"]: s["speaker_id"] for s in segments}
-    assert by_label["Alice"] == ids["Alice"] and by_label["Boris"] == ids["Boris"]
+    assert by_label["Alice"] == ids["Alice"]
+    assert by_label["Boris"] == ids["Boris"]
     assert by_label[stranger] is None
     assert all("words" not in s for s in segments)  # asked for no word timestamps
 
     # speaker_ids limits the candidates: Boris is not among them, so his turn is anonymous.
     form = {"file": SimpleUploadedFile("m.wav", wav), "diarize": "true", "speaker_ids": f"{ids['Alice']},{ids['Carl']}"}
     limited = labels_per_turn(api.post(TRANSCRIBE_URL, form, format="multipart", headers=enroller.headers).json()["data"]["segments"], turns)
-    assert limited[0] == {"Alice"} and limited[2] == {"Carl"}
+    assert limited[0] == {"Alice"}
+    assert limited[2] == {"Carl"}
     assert next(iter(limited[1])).startswith("SPEAKER_")
 
     # Once erased, Boris is never matched again.
@@ -213,7 +223,8 @@ def test_diarized_batch_attributes_each_turn_to_the_right_speaker(api, speech_wo
     job = poll(api, enroller, job_id)
     assert job["status"] == "completed", job
     after = labels_per_turn(job["segments"], turns)
-    assert after[0] == {"Alice"} and after[2] == {"Carl"}
+    assert after[0] == {"Alice"}
+    assert after[2] == {"Carl"}
     assert "Boris" not in set().union(*after)
     assert next(iter(after[1])).startswith("SPEAKER_")
 
