@@ -245,8 +245,17 @@ class SpeakerEncoder:
     def _forward(self, pipeline: _Pipeline, samples: np.ndarray) -> np.ndarray:
         wavs = torch.from_numpy(np.ascontiguousarray(samples))[None].to(self.device)
         lengths = torch.ones(1, device=self.device)
-        with torch.inference_mode():
-            out = pipeline(wavs, lengths)
+        # ECAPA's activations decay into denormal floats, which x86 CPUs compute very slowly:
+        # flushing them to zero made embeddings ~30 % faster with identical results (cosine 1.0).
+        # The flag is per thread (the CPU's MXCSR), so it is set for this pass only and cleared
+        # again, leaving Whisper and anything else on this thread as it was.
+        flush = self.device == "cpu" and torch.set_flush_denormal(True)
+        try:
+            with torch.inference_mode():
+                out = pipeline(wavs, lengths)
+        finally:
+            if flush:
+                torch.set_flush_denormal(False)
         return _normalise(out[0].float().cpu().numpy())
 
 

@@ -18,10 +18,10 @@ from django.conf import settings
 from django.utils import timezone
 
 from scaiecho_site import errors
+from speakers.selectors import unknown_speaker_ids
 from streaming.tokens import CAPTION_TOKEN_PREFIX, caption_token_key
 from tenants.authentication import api_key_from_token
 from tenants.context import ActorContext
-from speakers.selectors import unknown_speaker_ids
 from tenants.models import PERM_DIARIZE, PERM_TRANSCRIBE, ApiKey, AuditEvent
 from tenants.selectors import membership_permissions
 from tenants.services import (

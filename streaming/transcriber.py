@@ -35,6 +35,8 @@ from transcription.backends.base import Segment, TranscriptionResult, Word
 SAMPLE_RATE = 16_000
 VAD_FRAME = 512  # silero-vad's frame at 16 kHz: 32 ms
 _VAD_CONTEXT = 64  # samples of the previous frame silero prepends to each frame
+# Spans shorter than this are decoded without the previous text as a prompt (see ``_decode``).
+PROMPT_MIN_SECONDS = 2.0
 
 # Whisper's well-known inventions for silence, music and noise (its training data's subtitles).
 HALLUCINATIONS = (
@@ -482,7 +484,9 @@ class StreamSession:
             language=self.language,
             temperature=0.0,
             word_timestamps=word_timestamps,
-            initial_prompt=self._context[-200:] or None,
+            # On a short span Whisper tends to echo the prompt (the previous utterance) as if it
+            # were heard again; the prompt helps only once there is audio enough to outweigh it.
+            initial_prompt=(self._context[-200:] or None) if audio.size >= PROMPT_MIN_SECONDS * SAMPLE_RATE else None,
         )
         spent = self._clock() - started
         self.stats.count += 1

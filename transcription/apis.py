@@ -19,6 +19,7 @@ from rest_framework.response import Response
 from scaiecho_site import errors
 from scaiecho_site.envelope import ok
 from scaiecho_site.schema import ErrorEnvelope, responses
+from speakers.selectors import unknown_speaker_ids
 from tenants.models import PERM_DIARIZE, PERM_TRANSCRIBE
 from tenants.permissions import TenantApiView
 from tenants.services import BACKEND_PREFERENCES, audit_record, policy_get_or_provision, policy_resolve_backend
@@ -26,7 +27,6 @@ from transcription import formats
 from transcription.audio import sniff_extension
 from transcription.backends.base import Segment, TranscriptionResult, Word
 from transcription.models import TranscriptionJob
-from speakers.selectors import unknown_speaker_ids
 from transcription.selectors import job_for_owner
 from transcription.services import job_create, job_wait
 

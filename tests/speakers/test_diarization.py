@@ -7,18 +7,12 @@ import numpy as np
 import pytest
 
 from speakers.diarization import SpeakerTracker, diarize_segments
-from speakers.embedding import speaker_encoder
 from speakers.selectors import Candidate
 from tests.speakers.voices import ALICE, BORIS, CARL, REFERENCE_TEXT, say
 from transcription.audio import decode_audio
 from transcription.backends.base import Segment, Word
 
 SYNTHETIC_THRESHOLD = 0.6  # espeak voices are more alike than people; see tests/workers.py
-
-
-@pytest.fixture(scope="module")
-def encoder():
-    return speaker_encoder()
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ def espeak(text: str, voice: str) -> np.ndarray:
 
 
 def match_threshold() -> float:
-    return float(getattr(settings, "SCAIECHO_SPEAKER_MATCH_THRESHOLD", 0.30))
+    return float(settings.SCAIECHO_SPEAKER_MATCH_THRESHOLD)
 
 
 @pytest.fixture(scope="module")
