@@ -152,15 +152,22 @@ def finish_inline(job: TranscriptionJob) -> TranscriptionJob:
 
 
 def form_with_lists(data: Any, *names: str) -> Any:
-    """Multipart list fields as clients send them: repeated, with ``[]``, or comma-separated."""
+    """Multipart list fields as clients send them: repeated, with ``[]``, or comma-separated.
+
+    A plain dict, not ``QueryDict.copy()``: that deep-copies the uploaded files, and a large
+    upload (a temporary file on disk) cannot be copied.
+    """
     if not hasattr(data, "getlist"):
         return data
-    raw = data.copy()
+    raw = data.dict()
     for name in names:
+        raw.pop(f"{name}[]", None)
         values = data.getlist(name) + data.getlist(f"{name}[]")
         values = [part.strip() for value in values for part in str(value).split(",") if part.strip()]
         if values:
-            raw.setlist(name, values)
+            raw[name] = values
+        else:
+            raw.pop(name, None)
     return raw
 
 

@@ -58,6 +58,13 @@ def test_production_refuses_to_start_without_a_biometric_key(tmp_path):
     assert "SCAIECHO_BIOMETRIC_KEYS" in result.stderr
 
 
+def test_a_malformed_biometric_key_is_refused_at_start(tmp_path):
+    result = run_check(clean_env(tmp_path, SCAIECHO_BIOMETRIC_KEYS="not-a-fernet-key"))
+    assert result.returncode != 0
+    assert "scaiecho.E005" in result.stderr
+    assert "not-a-fernet-key" not in result.stderr  # a key is never echoed
+
+
 def test_debug_off_means_production(tmp_path):
     result = run_check(clean_env(tmp_path, DEBUG="false", SECRET_KEY="x" * 50, ALLOWED_HOSTS="stt.example.com"))
     assert result.returncode != 0
