@@ -36,9 +36,13 @@ def process_transcribe_job(self: Task, job_id: str) -> None:
     """Resolve the backend at dispatch, transcribe, and write the result into the job row."""
     try:
         job_run(job_id=job_id, worker_id=self.request.hostname, final_attempt=self.request.retries >= self.max_retries)
-    except JobBusyElsewhere as exc:
-        # Not a failure: wait until the other worker finishes or its heartbeat lapses.
-        raise self.retry(countdown=settings.SCAIECHO_WORKER_HEARTBEAT_TTL_SECONDS, max_retries=None) from exc
+    except JobBusyElsewhere:
+        # Not a failure, and not one of the job's retries: come back (same queue, same retry count)
+        # once the other worker has finished or its heartbeat has lapsed. ``self.retry`` would count
+        # against max_retries and give up on a job whose dead worker's heartbeat outlived them.
+        self.signature_from_request(
+            self.request, (job_id,), {}, countdown=settings.SCAIECHO_WORKER_HEARTBEAT_TTL_SECONDS
+        ).apply_async()
     except errors.ApplicationError as exc:
         if not exc.transient:
             raise
