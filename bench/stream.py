@@ -24,8 +24,9 @@ utterances by the overlap of their ``start``/``end`` with the utterance's [start
 
 Targets (issue, 2-core CPU machine, model base): final p50 <= 1.5 s; first partial p50 <= 1.5 s;
 last utterance final within 1.5 s of the end of its speech or of ``close``. A level of k sessions
-"holds" when no final is missing, p95 final <= 1.5 s and every session's lag growth < 0.5 s; the
-"sessions one worker holds" is the largest k that holds with all smaller levels holding too.
+"keeps pace" when no final is missing and every session's lag growth < 0.5 s (the issue's "without
+growing lag"), and "holds" when its p95 final is <= 1.5 s as well; each summary line gives the
+largest k that qualifies with all smaller levels qualifying too.
 At the end (``--no-profile`` skips it) one conversation runs through ``StreamSession`` in this
 process to show the compute per decode, i.e. where the time goes.
 """
@@ -295,6 +296,11 @@ class Level:
     def growths(self) -> list[float]:
         return [g for r in self.results if (g := r.lag_growth) is not None]
 
+    def keeps_pace(self) -> bool:
+        """The issue's measure: every final arrives and no session's lag grows."""
+        g = self.growths()
+        return bool(self.finals()) and not self.missing() and not any(r.error for r in self.results) and len(g) == self.k and max(g) < LAG_GROWTH_TARGET
+
     def holds(self) -> bool:
         f = self.finals()
         g = self.growths()
@@ -489,9 +495,15 @@ def _run(args: argparse.Namespace, levels: list[int], tmp: Path, procs: list[Pro
         if not lv.holds():
             break
         holds = lv.k
+    paced = 0
+    for lv in sorted(done, key=lambda lv: lv.k):
+        if not lv.keeps_pace():
+            break
+        paced = lv.k
     print()
-    print(f"sessions one worker holds in real time: {holds}"
-          f" (levels holding: {', '.join(map(str, held)) or 'none'}; target 3: {verdict(holds >= 3)})")
+    print(f"sessions one worker holds without growing lag (the issue's measure): {paced} [target 3: {verdict(paced >= 3)}]")
+    print(f"sessions one worker holds with final p95 <= {HOLD_P95_TARGET} s as well (stricter): {holds}"
+          f" (levels holding: {', '.join(map(str, held)) or 'none'})")
     one = next((lv for lv in done if lv.k == 1), None)
     if one:
         f, p = one.finals(), one.partials()
