@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import time
+import uuid
 from typing import Any
 
 import numpy as np
@@ -135,6 +136,9 @@ class TranscribeStreamConsumer(AsyncWebsocketConsumer):
         self.tasks: list[asyncio.Task[None]] = []
         self.started = time.monotonic()
         self.worker_channel: str | None = None
+        # A diarized Backend B stream asks a stream worker who spoke each relayed chunk.
+        self.speaker_channel: str | None = None
+        self.speaker_reply_channel: str | None = None
         self.last_worker_check = time.monotonic()
         self.worker_closed = asyncio.Event()
         try:
@@ -220,6 +224,8 @@ class TranscribeStreamConsumer(AsyncWebsocketConsumer):
                 speaker_ids=options["speaker_ids"],
             )
         else:
+            if options["diarize"]:
+                self.speaker_channel = await database_sync_to_async(stream_worker_pick)()
             self.tasks.append(asyncio.create_task(self.relay_chunks()))
         await self.send_json(
             {
@@ -329,16 +335,18 @@ class TranscribeStreamConsumer(AsyncWebsocketConsumer):
                 )
                 text = result.text.strip()
                 if text and not self.closing:
-                    await self.send_json(
-                        {
-                            "type": "delta",
-                            "text": text,
-                            "is_final": True,
-                            "start": round(start / SAMPLE_RATE, 3),
-                            "end": round((start + samples.size) / SAMPLE_RATE, 3),
-                            "confidence": None,
-                        }
-                    )
+                    delta = {
+                        "type": "delta",
+                        "text": text,
+                        "is_final": True,
+                        "start": round(start / SAMPLE_RATE, 3),
+                        "end": round((start + samples.size) / SAMPLE_RATE, 3),
+                        "confidence": None,
+                    }
+                    if self.speaker_channel is not None:
+                        delta.update(await self.attribute_chunk(samples))
+                    if not self.closing:
+                        await self.send_json(delta)
             except errors.ApplicationError as exc:
                 await self.fail(exc)
             except Exception:
@@ -346,6 +354,45 @@ class TranscribeStreamConsumer(AsyncWebsocketConsumer):
                 await self.fail(errors.BackendError("The relay failed."))
             finally:
                 self.chunks.task_done()
+
+    async def attribute_chunk(self, samples: np.ndarray) -> dict[str, Any]:
+        """Ask the stream worker whose voice a relayed chunk is (no model runs in this process).
+
+        The answer comes on a channel of its own, read here: the consumer's own channel would
+        deliver it through the handler loop, which may be busy waiting for this very chunk (a
+        ``close`` flushes the chunks before it returns).
+        """
+        if self.speaker_reply_channel is None:
+            # The default prefix: channels_redis reads every process-specific channel through one
+            # real channel per prefix, so another prefix would have no reader while ours is busy.
+            self.speaker_reply_channel = await self.channel_layer.new_channel()
+        request_id = uuid.uuid4().hex
+        await self.channel_layer.send(
+            self.speaker_channel,
+            {
+                "type": "speaker.attribute",
+                "session_id": self.grant.session_id,
+                "reply_to": self.speaker_reply_channel,
+                "request_id": request_id,
+                "tenant_id": str(self.grant.tenant_id),
+                "speaker_ids": self.options["speaker_ids"],
+                "pcm": float_to_pcm(samples),
+            },
+        )
+        deadline = time.monotonic() + settings.SCAIECHO_STREAM_FLUSH_TIMEOUT_SECONDS
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise errors.BackendTimeout("The stream worker did not say who spoke in time.")
+            try:
+                answer = await asyncio.wait_for(self.channel_layer.receive(self.speaker_reply_channel), timeout=remaining)
+            except TimeoutError as exc:
+                raise errors.BackendTimeout("The stream worker did not say who spoke in time.") from exc
+            if answer.get("request_id") == request_id:
+                break
+        if answer.get("error"):
+            raise errors.BackendError(answer["error"])
+        return {"speaker_id": answer.get("speaker_id"), "speaker_label": answer.get("speaker_label")}
 
     # --- Backend A: messages from the stream worker -------------------------------------------
 
@@ -419,6 +466,9 @@ class TranscribeStreamConsumer(AsyncWebsocketConsumer):
         if self.worker_channel is not None and not self.worker_closed.is_set():
             with contextlib.suppress(Exception):  # free the worker's session; it may be gone already
                 await self.to_worker("session.close")
+        if self.speaker_channel is not None:
+            with contextlib.suppress(Exception):  # the worker forgets this stream's voices
+                await self.channel_layer.send(self.speaker_channel, {"type": "speaker.close", "session_id": self.grant.session_id})
         for task in self.tasks:
             if task is not asyncio.current_task():
                 task.cancel()

@@ -90,18 +90,10 @@ def stream_open(
             details=[{"field": "speaker_ids", "message": f"unknown speaker {value}"} for value in unknown],
         )
     budget_check(tenant=tenant, ctx=ctx)
-    if diarize and backend_preference == "any":  # speaker attribution runs on Backend A
-        backend_preference = "prefer_self_hosted"
     backend = policy_resolve_backend(
         policy=policy_get_or_provision(tenant=tenant), preference=backend_preference, is_available=stream_backend_available
     )
-    if diarize and backend != "A":
-        # Voices are compared by our stream workers' speaker model; Backend B streams are relayed
-        # chunk by chunk from the web process, where no model runs.
-        raise errors.ValidationError(
-            "Speaker-attributed streams run on Backend A; this tenant's policy resolved Backend B.",
-            details=[{"field": "diarize", "message": "needs backend A (backend_preference prefer_self_hosted)"}],
-        )
+
     session_id = f"str_{uuid.uuid4().hex}"
     audit_record(ctx=ctx, action="stream.open", resource_type="stream_session", resource_id=session_id, details={"backend": backend})
     return StreamGrant(

@@ -10,10 +10,13 @@ Each inference lane is one model and one thread (``SCAIECHO_STREAM_INFERENCE_THR
 worker); a session stays on the lane with the fewest sessions when it opens. On a lane each feed
 is a short unit of work, queued in arrival order, so one busy session cannot starve the others.
 
-Messages, consumer → worker: ``session.open`` (session_id, reply_to, language, chunk_seconds),
-``session.audio`` (session_id, pcm: s16le 16 kHz mono bytes), ``session.finalize``,
-``session.close``. Worker → consumer: ``stream.delta`` (the delta's fields), ``stream.flushed``,
-``stream.closed``, ``stream.error`` (code, message).
+Messages, consumer → worker: ``session.open`` (session_id, reply_to, language, chunk_seconds,
+diarize, tenant_id, speaker_ids), ``session.audio`` (session_id, pcm: s16le 16 kHz mono bytes),
+``session.finalize``, ``session.close``; for a diarized Backend B stream, whose chunks the relay
+transcribes, ``speaker.attribute`` (session_id, reply_to, request_id, tenant_id, speaker_ids, pcm)
+and ``speaker.close``. Worker → consumer: ``stream.delta`` (the delta's fields, with speaker_id
+and speaker_label when diarized), ``stream.flushed``, ``stream.closed``, ``stream.error`` (code,
+message), ``stream.speaker`` (request_id, speaker_id, speaker_label).
 """
 
 from __future__ import annotations
@@ -110,6 +113,8 @@ class StreamWorker:
         self.stopping = asyncio.Event()
         # Speaker embeddings for diarized sessions: one thread, so it never delays a lane's decode.
         self.speaker_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scaiecho-speakers")
+        # Speaker state of Backend B streams that ask this worker who spoke each relayed chunk.
+        self.relay_speakers: dict[str, _Speakers] = {}
 
     # --- life cycle ---------------------------------------------------------------------------
 
@@ -211,6 +216,12 @@ class StreamWorker:
         if message.get("type") == "session.open":
             await self.open(session_id, message)
             return
+        if message.get("type") == "speaker.attribute":
+            asyncio.create_task(self.attribute_chunk(session_id, message))
+            return
+        if message.get("type") == "speaker.close":
+            self.relay_speakers.pop(session_id, None)
+            return
         session = self.sessions.get(session_id)
         if session is None:
             reply_to = message.get("reply_to")
@@ -296,6 +307,29 @@ class StreamWorker:
         audio, offset = speakers.window()  # a snapshot: later feeds make new arrays
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.speaker_executor, _attribute_span, speakers, audio, offset, delta.start, delta.end)
+
+    async def attribute_chunk(self, session_id: str, message: dict[str, Any]) -> None:
+        """Who spoke a relayed chunk of a Backend B stream (the relay transcribes, we compare voices)."""
+        from speakers.diarization import SpeakerTracker
+
+        speakers = self.relay_speakers.get(session_id)
+        if speakers is None:
+            speakers = self.relay_speakers[session_id] = _Speakers(
+                tenant_id=message["tenant_id"], speaker_ids=list(message.get("speaker_ids") or []), tracker=SpeakerTracker()
+            )
+        samples = pcm_to_float(message["pcm"])
+        loop = asyncio.get_running_loop()
+        reply = {"type": "stream.speaker", "request_id": message["request_id"]}
+        try:
+            reply.update(
+                await loop.run_in_executor(
+                    self.speaker_executor, _attribute_span, speakers, samples, 0.0, 0.0, samples.size / SAMPLE_RATE
+                )
+            )
+        except Exception:
+            logger.exception("speaker attribution failed for stream %s", session_id)
+            reply["error"] = "Speaker attribution failed."
+        await self.send(message["reply_to"], reply)
 
     def _drop(self, session_id: str) -> None:
         session = self.sessions.pop(session_id, None)

@@ -14,10 +14,10 @@ from streaming.worker import float_to_pcm
 from tenants.models import Role, TenantPolicy
 from tests.factories import KeyFactory
 from tests.speakers.test_enrollment import CONVERSATION, Turn, conversation
-from tests.speakers.voices import ALICE, BORIS, CARL, SPEAKERS_URL, enroll_ready
+from tests.speakers.voices import ALICE, BORIS, CARL, SPEAKERS_URL, enroll_ready, say
 from tests.streaming.test_consumer import PATH, Client, assert_error_close, run
 from tests.streaming.test_stream_worker import StreamWorkerProcess, wait_until_announced
-from tests.workers import SYNTHETIC_VOICE_THRESHOLDS
+from tests.workers import RELAY_KEY, SYNTHETIC_VOICE_THRESHOLDS
 from transcription.audio import decode_audio
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
@@ -137,3 +137,46 @@ def test_a_diarized_stream_needs_the_diarize_permission_and_known_speakers():
     frames, code = run(open_with(admin, speaker_ids=["7a1d0c1e-0000-4000-8000-000000000000"]))
     assert_error_close(frames, code, 4400, "VALIDATION_ERROR")
     assert "speaker_ids" in frames[-1]["message"]
+
+
+def fitted(voice, text: str, seconds: float) -> np.ndarray:
+    """The voice saying ``text``, padded with silence to exactly ``seconds`` (one relay chunk)."""
+    samples = decode_audio(say(voice, text)).samples[: int(seconds * 16000)]
+    return np.concatenate([samples, np.zeros(int(seconds * 16000) - samples.size, dtype=np.float32)])
+
+
+def test_a_diarized_relay_stream_gets_its_speakers_from_a_stream_worker(
+    api, speech_worker, diarizing_stream_worker, relay, settings
+):
+    """Backend B transcribes each chunk; the stream worker (never the web process) says who spoke."""
+    settings.SCAIECHO_RELAY_BASE_URL = relay.base_url
+    settings.SCAIECHO_RELAY_API_KEY = RELAY_KEY
+    key = KeyFactory.issue(role=Role.TENANT_ADMIN)
+    TenantPolicy.objects.create(tenant=key.tenant, allowed_backends="B", default_backend="B")
+    ids = {voice.name: enroll_ready(api, key, voice) for voice in (ALICE, BORIS)}
+    wait_until_announced()
+    audio = np.concatenate(
+        [
+            fitted(ALICE, "Good morning everyone, shall we begin?", 4.0),
+            fitted(BORIS, "Yes, the numbers are finally ready.", 4.0),
+            fitted(ALICE, "Then let us start with travel.", 4.0),
+        ]
+    )
+
+    async def scenario():
+        async with Client(f"{PATH}?token={key.secret}") as client:
+            await client.send({"type": "open", "media_type": "audio/pcm", "chunk_seconds": 4.0, "diarize": True})
+            ready = await client.next_frame()
+            await client.send_audio(float_to_pcm(audio), frame_size=6400)
+            await client.send({"type": "close"})
+            frames, code = await client.frames_until_close(wait=60)
+            return ready, frames, code
+
+    ready, frames, code = run(scenario())
+    assert ready["backend_used"] == "B"
+    assert code == 1000, frames
+    finals = [f for f in frames if f["type"] == "delta"]
+    assert [f["speaker_label"] for f in finals] == ["Alice", "Boris", "Alice"]
+    assert [f["speaker_id"] for f in finals] == [ids["Alice"], ids["Boris"], ids["Alice"]]
+    assert [(f["start"], f["end"]) for f in finals] == [(0.0, 4.0), (4.0, 8.0), (8.0, 12.0)]
+    assert len(relay.requests) == 3
