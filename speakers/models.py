@@ -32,7 +32,8 @@ class Speaker(models.Model):
         DONE = "done"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="speakers")
+    # PROTECT: deleting a tenant must not drop voice data without erasure (its files and audit).
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.PROTECT, related_name="speakers")
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )

@@ -70,7 +70,7 @@ class Migration(migrations.Migration):
                 ('verified_at', models.DateTimeField(blank=True, null=True)),
                 ('erased_at', models.DateTimeField(blank=True, null=True)),
                 ('created_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('tenant', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='speakers', to='tenants.tenant')),
+                ('tenant', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='speakers', to='tenants.tenant')),
             ],
             options={
                 'ordering': ['-created_at', '-id'],

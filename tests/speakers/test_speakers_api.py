@@ -254,3 +254,13 @@ def test_diarize_needs_the_diarize_permission_and_the_tenants_own_speakers(api):
     assert body["error"]["details"][0]["field"] == "speaker_ids"
     form = {"file": SimpleUploadedFile("a.wav", say(ALICE, "Hello there.")), "response_format": "diarized_json"}
     assert_error(api.post("/oai/v1/audio/transcriptions", form, format="multipart", headers=transcriber.headers), 403, "AUTHZ_PERMISSION_DENIED")
+
+
+def test_a_tenant_with_voice_profiles_cannot_be_deleted_past_erasure(api, enroller):
+    """Deleting the tenant would drop the rows but leave the recordings and no erasure audit."""
+    from django.db.models import ProtectedError
+
+    enroll(api, enroller, ALICE)
+    with pytest.raises(ProtectedError):
+        enroller.tenant.delete()
+    assert len(stored_files()) == 2
