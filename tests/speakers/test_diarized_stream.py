@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from django.db import connection
 
 from streaming.worker import float_to_pcm
 from tenants.models import Role, TenantPolicy
@@ -81,6 +82,12 @@ def test_diarized_stream_labels_finals_and_forgets_an_erased_speaker(api, speech
     offset = one.size / 16000
     turns_two = [Turn(t.voice, t.text, t.start + offset, t.end + offset) for t in turns_two]
 
+    def erase(speaker_id: str):
+        try:
+            return api.delete(f"{SPEAKERS_URL}/{speaker_id}", headers=enroller.headers)
+        finally:
+            connection.close()  # this thread's own connection, or it outlives the test database
+
     async def scenario():
         finals: list[dict] = []
         async with Client(f"{PATH}?token={enroller.secret}") as client:
@@ -99,7 +106,7 @@ def test_diarized_stream_labels_finals_and_forgets_an_erased_speaker(api, speech
                     finals.append(frame)
             before = len(finals)
             # Boris is erased while the stream is open.
-            erased = await asyncio.to_thread(api.delete, f"{SPEAKERS_URL}/{ids['Boris']}", headers=enroller.headers)
+            erased = await asyncio.to_thread(erase, ids["Boris"])
             assert erased.status_code == 200
             await send_real_time(client, two, finals)
             await client.send({"type": "close"})
