@@ -26,6 +26,7 @@ import logging
 import os
 import socket
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -73,19 +74,22 @@ class _Speakers:
     tenant_id: str
     speaker_ids: list[str]
     tracker: Any
-    audio: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
-    offset: int = 0  # stream sample index of audio[0]
+    chunks: deque[np.ndarray] = field(default_factory=deque)
+    kept: int = 0  # samples in ``chunks``
+    offset: int = 0  # stream sample index of the first kept sample
 
     def append(self, samples: np.ndarray) -> None:
-        self.audio = np.concatenate([self.audio, samples])
-        excess = self.audio.size - SPEAKER_HISTORY_SECONDS * SAMPLE_RATE
-        if excess > 0:
-            self.audio = self.audio[excess:]
-            self.offset += excess
+        # Whole feeds are kept and dropped, so a feed costs no copy of the history.
+        self.chunks.append(samples)
+        self.kept += samples.size
+        while self.chunks and self.kept - self.chunks[0].size >= SPEAKER_HISTORY_SECONDS * SAMPLE_RATE:
+            dropped = self.chunks.popleft()
+            self.kept -= dropped.size
+            self.offset += dropped.size
 
-    def window(self) -> tuple[np.ndarray, float]:
-        """The kept audio and its start in stream seconds."""
-        return self.audio, self.offset / SAMPLE_RATE
+    def window(self) -> tuple[list[np.ndarray], float]:
+        """The kept feeds (a snapshot: later feeds do not change it) and their start in stream seconds."""
+        return list(self.chunks), self.offset / SAMPLE_RATE
 
 
 @dataclass
@@ -304,7 +308,7 @@ class StreamWorker:
         """Who spoke a final delta; partials carry no speaker yet (``null``)."""
         if not delta.is_final:
             return {"speaker_id": None, "speaker_label": None}
-        audio, offset = speakers.window()  # a snapshot: later feeds make new arrays
+        audio, offset = speakers.window()
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.speaker_executor, _attribute_span, speakers, audio, offset, delta.start, delta.end)
 
@@ -346,7 +350,9 @@ class StreamWorker:
             logger.warning("could not reach stream client %s", channel)
 
 
-def _attribute_span(speakers: _Speakers, audio: np.ndarray, offset: float, start: float, end: float) -> dict[str, Any]:
+def _attribute_span(
+    speakers: _Speakers, audio: np.ndarray | list[np.ndarray], offset: float, start: float, end: float
+) -> dict[str, Any]:
     """Embed a final's span and attribute it (in the speaker thread).
 
     The candidates are read from the database for every final, so a speaker erased while the
@@ -357,6 +363,8 @@ def _attribute_span(speakers: _Speakers, audio: np.ndarray, offset: float, start
     from speakers.selectors import speaker_candidates
     from transcription.backends.base import Segment
 
+    if isinstance(audio, list):  # joined here, in the speaker thread, not on the event loop
+        audio = np.concatenate(audio) if audio else np.zeros(0, dtype=np.float32)
     close_old_connections()
     candidates = speaker_candidates(tenant_id=speakers.tenant_id, speaker_ids=speakers.speaker_ids)
     segment = Segment(start=max(0.0, start - offset), end=max(0.0, end - offset), text="")
