@@ -17,11 +17,8 @@ from pathlib import Path
 
 import av
 import numpy as np
-from whisper.normalizers import EnglishTextNormalizer
 
 DEFAULT_SPEECH_CACHE = Path("~/.cache/scaiecho/test-speech")
-
-_normalize = EnglishTextNormalizer()
 
 
 def synth_speech(
@@ -101,22 +98,11 @@ def silence_wav(*, seconds: float, rate: int = 16_000) -> bytes:
 
 
 def word_error_rate(reference: str, hypothesis: str) -> float:
-    """(substitutions + deletions + insertions) / reference words, after Whisper's normalizer."""
-    ref = _normalize(reference).split()
-    hyp = _normalize(hypothesis).split()
-    if not ref:
-        return 0.0 if not hyp else 1.0
-    previous = list(range(len(hyp) + 1))
-    for i, ref_word in enumerate(ref, start=1):
-        current = [i] + [0] * len(hyp)
-        for j, hyp_word in enumerate(hyp, start=1):
-            current[j] = min(
-                previous[j] + 1,  # deletion
-                current[j - 1] + 1,  # insertion
-                previous[j - 1] + (ref_word != hyp_word),  # substitution or match
-            )
-        previous = current
-    return previous[-1] / len(ref)
+    """(substitutions + deletions + insertions) / reference words, after Whisper's English normalizer
+    (the service's own measure, which consent verification uses)."""
+    from speakers.verification import word_error_rate as service_word_error_rate
+
+    return service_word_error_rate(reference, hypothesis, language="en")
 
 
 # --- Real recorded speech ---------------------------------------------------------------------------
