@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     from transcription.audio import decode_audio
 
     t_start = time.perf_counter()
-    threshold = float(getattr(settings, "SCAIECHO_SPEAKER_MATCH_THRESHOLD", 0.30))
+    threshold = settings.SCAIECHO_SPEAKER_MATCH_THRESHOLD
     encoder = SpeakerEncoder(cpu_threads=args.threads)
     t0 = time.perf_counter()
     encoder.load()

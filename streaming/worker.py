@@ -327,7 +327,7 @@ class StreamWorker:
         try:
             reply.update(
                 await loop.run_in_executor(
-                    self.speaker_executor, _attribute_span, speakers, samples, 0.0, 0.0, samples.size / SAMPLE_RATE
+                    self.speaker_executor, _attribute_span, speakers, [samples], 0.0, 0.0, samples.size / SAMPLE_RATE
                 )
             )
         except Exception:
@@ -350,9 +350,7 @@ class StreamWorker:
             logger.warning("could not reach stream client %s", channel)
 
 
-def _attribute_span(
-    speakers: _Speakers, audio: np.ndarray | list[np.ndarray], offset: float, start: float, end: float
-) -> dict[str, Any]:
+def _attribute_span(speakers: _Speakers, feeds: list[np.ndarray], offset: float, start: float, end: float) -> dict[str, Any]:
     """Embed a final's span and attribute it (in the speaker thread).
 
     The candidates are read from the database for every final, so a speaker erased while the
@@ -363,8 +361,8 @@ def _attribute_span(
     from speakers.selectors import speaker_candidates
     from transcription.backends.base import Segment
 
-    if isinstance(audio, list):  # joined here, in the speaker thread, not on the event loop
-        audio = np.concatenate(audio) if audio else np.zeros(0, dtype=np.float32)
+    # Joined here, in the speaker thread, not on the event loop.
+    audio = np.concatenate(feeds) if feeds else np.zeros(0, dtype=np.float32)
     close_old_connections()
     candidates = speaker_candidates(tenant_id=speakers.tenant_id, speaker_ids=speakers.speaker_ids)
     segment = Segment(start=max(0.0, start - offset), end=max(0.0, end - offset), text="")
