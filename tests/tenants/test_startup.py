@@ -32,6 +32,18 @@ def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def production_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """Production mode with a secret, explicit hosts and PostgreSQL set (each test adds the rest)."""
+    return clean_env(
+        tmp_path,
+        SCAIECHO_ENV="production",
+        SECRET_KEY="a-long-random-production-secret-" * 2,
+        ALLOWED_HOSTS="stt.example.com",
+        DATABASE_URL=os.environ["DATABASE_URL"],
+        **extra,
+    )
+
+
 def run_check(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run([PYTHON, "manage.py", "check"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
@@ -45,14 +57,7 @@ def test_production_refuses_to_start_without_secret_hosts_and_database(tmp_path)
 
 def test_production_refuses_to_start_without_a_biometric_key(tmp_path):
     """Voice embeddings and consent recordings are encrypted at rest: no key, no start."""
-    env = clean_env(
-        tmp_path,
-        SCAIECHO_ENV="production",
-        SECRET_KEY="a-long-random-production-secret-" * 2,
-        ALLOWED_HOSTS="stt.example.com",
-        DATABASE_URL=os.environ["DATABASE_URL"],
-    )
-    result = run_check(env)
+    result = run_check(production_env(tmp_path))
     assert result.returncode != 0
     assert "scaiecho.E004" in result.stderr
     assert "SCAIECHO_BIOMETRIC_KEYS" in result.stderr
@@ -79,15 +84,7 @@ def test_wildcard_hosts_are_not_explicit(tmp_path):
 
 
 def test_production_with_everything_set_passes(tmp_path):
-    env = clean_env(
-        tmp_path,
-        SCAIECHO_ENV="production",
-        SECRET_KEY="a-long-random-production-secret-" * 2,
-        ALLOWED_HOSTS="stt.example.com",
-        DATABASE_URL=os.environ["DATABASE_URL"],
-        SCAIECHO_BIOMETRIC_KEYS="Jd4vC1a0m2U8mHq3n1ZrQ6b8dYQ2o4yqkV8Jq9vJ3Zs=",
-    )
-    result = run_check(env)
+    result = run_check(production_env(tmp_path, SCAIECHO_BIOMETRIC_KEYS="Jd4vC1a0m2U8mHq3n1ZrQ6b8dYQ2o4yqkV8Jq9vJ3Zs="))
     assert result.returncode == 0, result.stderr
     assert "scaiecho.E0" not in result.stderr
 
