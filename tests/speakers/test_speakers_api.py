@@ -13,11 +13,12 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.db import connection, transaction
 from django.db.utils import DatabaseError
 
+from speakers import crypto
 from speakers.models import ConsentEvent, ConsentRecord, ErasureAudit, Speaker
 from speakers.services import STORAGE_PREFIX
 from tenants.models import PERM_ENROLL, AuditEvent, Role
 from tests.factories import KeyFactory
-from tests.speakers.voices import ALICE, BORIS, CONSENT_TEXT, SPEAKERS_URL, enroll, enrollment_form, say
+from tests.speakers.voices import ALICE, BORIS, CONSENT_TEXT, REFERENCE_TEXT, SPEAKERS_URL, enroll, enrollment_form, say
 from tests.speech import silence_wav
 from tests.tenants.test_auth import assert_error
 from transcription.audio import decode_audio
@@ -71,12 +72,13 @@ def test_enrollment_stores_consent_and_encrypted_recordings_and_queues_the_job(a
     speaker = Speaker.objects.get(pk=data["id"])
     assert speaker.tenant_id == enroller.tenant.pk
     consent = ConsentRecord.objects.get(speaker=speaker)
-    reference = say(ALICE, "unused")  # any WAV: a stored recording must not be one
-    for name in (consent.reference_path, consent.consent_path):
+    uploads = {consent.reference_path: say(ALICE, REFERENCE_TEXT), consent.consent_path: say(ALICE, CONSENT_TEXT)}
+    for name, uploaded in uploads.items():
         with default_storage.open(name, "rb") as handle:
             stored = handle.read()
         assert not stored.startswith(b"RIFF"), "recordings are encrypted at rest"
-        assert reference[44:1000] not in stored
+        assert uploaded[1000:2000] not in stored
+        assert crypto.decrypt(stored) == uploaded
     [event] = ConsentEvent.objects.filter(speaker_id=speaker.pk)
     assert event.kind == "captured"
     assert event.request_id == response["X-Request-Id"]
