@@ -18,13 +18,17 @@ from transcription.tasks import process_transcribe_job
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 QUEUE = "crash-test"  # only this test's workers listen here, not the session's worker
+# Long enough to kill the worker mid-job, and never repeating itself: Whisper reads repeated text
+# as a decoding loop (compression ratio) and falls back to sampling, whose output is random.
 SPOKEN = " ".join(
     [
         "Good morning everyone. Today we will review the quarterly budget and plan the next product release.",
         "Please send the report to the finance team before Friday.",
         "We need the numbers for the board meeting next week.",
+        "The new office opens in March, and the movers will arrive on the second Monday.",
+        "Lunch is provided on Thursday for anyone who stays for the training session.",
+        "Finally, remember to update your passwords before the end of the month.",
     ]
-    * 2
 )
 
 
