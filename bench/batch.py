@@ -92,7 +92,7 @@ SENTENCES = [
 
 def make_speech(seconds: float, cache_dir: Path) -> tuple[bytes, str]:
     """WAV bytes of espeak-ng reading sentences until ``seconds`` are reached, and the text read."""
-    from tests.speech import synth_speech
+    from tests.voices import synth_speech
 
     frames: list[bytes] = []
     spoken: list[str] = []
@@ -273,8 +273,9 @@ class Direct:
         import torch
         import whisper
 
-        from transcription.audio import decode_audio
-        from transcription.backends.whisper import WhisperEngine
+        from speech.audio import decode_audio
+        from speech.engines.base import TranscribeOptions
+        from speech.engines.whisper import WhisperEngine
 
         self.whisper = whisper
         self.torch = torch
@@ -283,10 +284,11 @@ class Direct:
         self.decode_s = time.perf_counter() - t0
         self.engine = WhisperEngine(model_name=model, cpu_threads=1)
         self.model = self.engine.load().model
+        self.options = TranscribeOptions(language="en")
 
     def engine_run(self) -> Sample:
         c0, t0 = time.process_time(), time.perf_counter()
-        result = self.engine.transcribe(self.samples, language="en")
+        result = self.engine.transcribe(self.samples, options=self.options)
         return Sample(time.perf_counter() - t0, result.text, time.process_time() - c0)
 
     def whisper_run(self) -> Sample:
@@ -330,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, tmp: Path, procs: list[Proc]) -> int:
-    from tests.speech import word_error_rate
+    from tests.voices import word_error_rate
 
     t_start = time.perf_counter()
     wav, reference = make_speech(args.seconds, tmp / "speech")

@@ -8,7 +8,7 @@ alsa-utils for real voices); no database or server. It prints
 - top-1 identification over ten espeak-ng voices: each enrolled from one text, identified from three
   other texts by the closest profile (goal: >= 95 %),
 - equal error rates and the threshold where the errors balance, over all pairs of recordings, for
-  four real people (``tests.speech.REAL_SPEAKERS``; goal: <= 5 %) and for the espeak-ng voices, with
+  four real people (``tests.voices.REAL_SPEAKERS``; goal: <= 5 %) and for the espeak-ng voices, with
   the false accept / reject rates at ``SCAIECHO_SPEAKER_MATCH_THRESHOLD``,
 - speed: ``SpeakerEncoder.embed`` (checks, chunking, normalising) against the raw ECAPA forward pass
   on the same loaded model, median of ``--runs``, as seconds per audio second and times faster than
@@ -56,7 +56,7 @@ def identify(
     title: str, voices: list[str], profiles: dict[str, np.ndarray], probes: dict[str, list[np.ndarray]], *, goal: float | None = None
 ) -> float:
     """Top-1 identification: each probe goes to the closest profile among ``voices``."""
-    from speakers.embedding import cosine_similarity
+    from speech.embedding import cosine_similarity
 
     errors = []
     for voice in voices:
@@ -91,7 +91,7 @@ def equal_error_rate(same: list[float], different: list[float]) -> tuple[float, 
 
 
 def pair_scores(voices: dict[str, list[np.ndarray]]) -> tuple[list[float], list[float]]:
-    from speakers.embedding import cosine_similarity
+    from speech.embedding import cosine_similarity
 
     items = [(person, v) for person, vectors in voices.items() for v in vectors]
     same, different = [], []
@@ -137,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from django.conf import settings
 
-    from speakers.embedding import SpeakerEncoder, cosine_similarity
-    from tests.speech import real_speech, synth_speech
-    from transcription.audio import decode_audio
+    from speech.audio import decode_audio
+    from speech.embedding import SpeakerEncoder, cosine_similarity
+    from tests.voices import real_speech, synth_speech
 
     t_start = time.perf_counter()
     threshold = settings.SCAIECHO_SPEAKER_MATCH_THRESHOLD

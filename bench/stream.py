@@ -94,7 +94,7 @@ class Conversation:
 
 
 def make_conversation(sentences: list[str], cache_dir: Path) -> Conversation:
-    from tests.speech import synth_speech
+    from tests.voices import synth_speech
 
     parts = [np.zeros(int(LEAD_S * RATE), np.float32)]
     spans: list[tuple[float, float]] = []
@@ -144,7 +144,7 @@ class SessionResult:
     transcript: str = ""
 
     def analyse(self) -> None:
-        from tests.speech import word_error_rate
+        from tests.voices import word_error_rate
 
         spans = self.conv.spans
         deltas = [r for r in self.frames if r.frame.get("type") == "delta"]
@@ -353,13 +353,13 @@ def profile_decodes(conv: Conversation, model: str, threads: int) -> None:
     """Run one conversation through :class:`StreamSession` in this process, 100 ms at a time as
     fast as it goes (the server is idle by then), and print what the worker's inference thread
     pays per decode: the compute floor under the latencies measured over the WebSocket."""
-    from streaming.transcriber import StreamSession, default_decoder
-    from transcription.backends.whisper import WhisperEngine
+    from speech.engines.whisper import WhisperEngine
+    from speech.transcriber import StreamSession
 
     engine = WhisperEngine(model_name=model, cpu_threads=threads)
     engine.load()
-    decoder = default_decoder(engine)
-    getattr(decoder, "warm_up", lambda: None)()
+    decoder = engine.stream_decoder()
+    decoder.warm_up()
     session = StreamSession(engine, decoder=decoder, language="en")
     samples = np.frombuffer(conv.pcm, dtype="<i2").astype(np.float32) / 32768.0
     step = int(FRAME_S * RATE)

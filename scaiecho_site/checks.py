@@ -59,20 +59,6 @@ def production_settings_check(app_configs: Any = None, **kwargs: Any) -> list[ch
     return errors
 
 
-@checks.register(PRODUCTION_TAG)
-def biometric_keys_check(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
-    """Configured biometric keys must be usable, in any mode: a bad key would fail at first use."""
-    from speakers.crypto import BiometricKeyError, encrypt
-
-    if not settings.SCAIECHO_BIOMETRIC_KEYS:
-        return []
-    try:
-        encrypt(b"check")
-    except BiometricKeyError as exc:
-        return [checks.Error(str(exc), hint="Generate one with Fernet.generate_key().", id="scaiecho.E005")]
-    return []
-
-
 def enforce_startup_checks() -> None:
     """Raise ``SystemCheckError`` when any start-up check fails (used by non-manage.py entries)."""
     from django.core.management.base import SystemCheckError

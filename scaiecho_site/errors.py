@@ -2,41 +2,48 @@
 
 Every error a client can see is an :class:`ApplicationError` with a stable ``code`` and HTTP
 status. The DRF exception handler (``scaiecho_site.envelope``) renders them into the contract's
-envelope; the streaming consumer reuses ``code`` and ``message`` for its ``error`` frames.
-This module imports nothing from Django so that worker-side code can raise these errors too.
+envelope; the streaming consumer reuses ``code`` and ``message`` for its ``error`` frames. The base
+class and the errors the speech layer raises itself live in :mod:`speech.errors` and are re-exported
+here, so the apps name every error from one place. This module imports nothing from Django.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from speech.errors import (
+    ApplicationError,
+    AudioTooLong,
+    BackendError,
+    BackendRateLimited,
+    BackendTimeout,
+    UnsupportedMedia,
+    UpstreamShapeMismatch,
+    ValidationError,
+)
 
-class ApplicationError(Exception):
-    code: str = "INTERNAL_ERROR"
-    http_status: int = 500
-    default_message: str = "An unexpected error occurred."
-    # Transient errors are safe to retry (a worker retries them with backoff).
-    transient: bool = False
-
-    def __init__(
-        self,
-        message: str | None = None,
-        *,
-        details: list[dict[str, Any]] | None = None,
-        retry_after: int | None = None,
-    ) -> None:
-        self.message = message or self.default_message
-        self.details = details
-        self.retry_after = retry_after
-        super().__init__(self.message)
-
-    def as_error_body(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"code": self.code, "message": self.message}
-        if self.details is not None:
-            body["details"] = self.details
-        if self.retry_after is not None:
-            body["retry_after"] = self.retry_after
-        return body
+__all__ = [
+    "ApplicationError",
+    "AudioTooLong",
+    "BackendError",
+    "BackendRateLimited",
+    "BackendTimeout",
+    "UnsupportedMedia",
+    "UpstreamShapeMismatch",
+    "ValidationError",
+    "AuthTokenMissing",
+    "AuthTokenInvalid",
+    "PermissionDenied",
+    "ModuleNotEnabled",
+    "NotFound",
+    "MethodNotAllowed",
+    "PayloadTooLarge",
+    "SpeakerPreflightFailed",
+    "RateLimited",
+    "BudgetExceeded",
+    "BackendUnavailable",
+    "InternalError",
+]
 
 
 class AuthTokenMissing(ApplicationError):
@@ -81,18 +88,6 @@ class PayloadTooLarge(ApplicationError):
     default_message = "The request body is larger than this service accepts."
 
 
-class UnsupportedMedia(ApplicationError):
-    code = "UNSUPPORTED_MEDIA"
-    http_status = 415
-    default_message = "The content could not be read as a supported type."
-
-
-class ValidationError(ApplicationError):
-    code = "VALIDATION_ERROR"
-    http_status = 422
-    default_message = "The request is not valid."
-
-
 class SpeakerPreflightFailed(ValidationError):
     """The reference recording is unfit for a voice profile; ``fail_reasons`` says why."""
 
@@ -124,33 +119,6 @@ class BackendUnavailable(ApplicationError):
     code = "SCAIECHO_BACKEND_UNAVAILABLE"
     http_status = 502
     default_message = "No speech backend allowed for this tenant is available."
-    transient = True
-
-
-class BackendError(ApplicationError):
-    code = "BACKEND_ERROR"
-    http_status = 502
-    default_message = "The speech backend failed."
-    transient = True
-
-
-class UpstreamShapeMismatch(BackendError):
-    code = "UPSTREAM_SHAPE_MISMATCH"
-    default_message = "The speech backend answered in an unexpected shape."
-    transient = False
-
-
-class BackendTimeout(ApplicationError):
-    code = "BACKEND_TIMEOUT"
-    http_status = 504
-    default_message = "The speech backend did not answer in time."
-    transient = True
-
-
-class BackendRateLimited(ApplicationError):
-    code = "BACKEND_RATE_LIMITED"
-    http_status = 429
-    default_message = "The speech backend is rate limiting this service."
     transient = True
 
 

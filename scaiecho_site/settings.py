@@ -317,6 +317,21 @@ SCAIECHO_WHISPER_DEVICE = env_str("SCAIECHO_WHISPER_DEVICE")
 SCAIECHO_WHISPER_CPU_THREADS = env_int("SCAIECHO_WHISPER_CPU_THREADS", 1)
 SCAIECHO_WHISPER_PRELOAD = env_bool("SCAIECHO_WHISPER_PRELOAD", True)
 SCAIECHO_WHISPER_CACHE_DIR = env_str("SCAIECHO_WHISPER_CACHE_DIR", str(Path.home() / ".cache" / "scaiecho" / "whisper"))
+# Which implementation runs Backend A's Whisper: "ctranslate2" (faster-whisper; int8 on the CPU,
+# float16 on CUDA) or "openai-whisper" (PyTorch). Both read the same packaged weights.
+SCAIECHO_WHISPER_ENGINE = env_str("SCAIECHO_WHISPER_ENGINE", "ctranslate2")
+# CTranslate2's compute type; empty: int8 on the CPU, float16 on CUDA.
+SCAIECHO_WHISPER_COMPUTE_TYPE = env_str("SCAIECHO_WHISPER_COMPUTE_TYPE")
+# VAD windows decoded in one batched pass by the batch task (1: one window at a time).
+SCAIECHO_WHISPER_BATCH_SIZE = env_int("SCAIECHO_WHISPER_BATCH_SIZE", 4)
+# On CUDA, concurrent callers in one worker (jobs' windows, stream sessions' spans) are gathered
+# into one batched pass: at most this many windows, waiting at most this long for company.
+SCAIECHO_GPU_MAX_BATCH = env_int("SCAIECHO_GPU_MAX_BATCH", 16)
+SCAIECHO_GPU_BATCH_WAIT_MS = env_int("SCAIECHO_GPU_BATCH_WAIT_MS", 10)
+# Audio longer than this is cut at pauses into pieces of about SCAIECHO_LONG_AUDIO_PIECE_SECONDS
+# that run as separate tasks on any free worker, then joined (0 turns splitting off).
+SCAIECHO_LONG_AUDIO_SPLIT_SECONDS = env_float("SCAIECHO_LONG_AUDIO_SPLIT_SECONDS", 600.0)
+SCAIECHO_LONG_AUDIO_PIECE_SECONDS = env_float("SCAIECHO_LONG_AUDIO_PIECE_SECONDS", 300.0)
 
 SCAIECHO_MAX_AUDIO_SECONDS = env_int("SCAIECHO_MAX_AUDIO_SECONDS", 3 * 3600)
 # How long an inline (synchronous) request waits for its job before answering BACKEND_TIMEOUT.

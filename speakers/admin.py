@@ -23,9 +23,9 @@ from django.urls import URLPattern, path, reverse
 from scaiecho_site import errors
 from speakers.models import ConsentEvent, ErasureAudit, Speaker
 from speakers.services import recording_read, speaker_erase, speaker_review
+from speech.audio import sniff_extension
 from tenants.context import actor_from_request
 from tenants.services import audit_record
-from transcription.audio import sniff_extension
 
 REVIEW_PERMISSION = "speakers.review_consent"
 _AUDIO_TYPES = {"wav": "audio/wav", "mp3": "audio/mpeg", "flac": "audio/flac", "ogg": "audio/ogg", "m4a": "audio/mp4"}

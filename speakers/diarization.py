@@ -15,11 +15,11 @@ from typing import Any, Protocol
 import numpy as np
 from django.conf import settings
 
-from speakers.embedding import cosine_similarity
 from speakers.selectors import Candidate
-from transcription.backends.base import Segment, Word
+from speech.audio import SAMPLE_RATE
+from speech.embedding import cosine_similarity
+from speech.engines.base import Segment, Word
 
-SAMPLE_RATE = 16000
 # Shortest audio worth an embedding; shorter segments borrow context from around them.
 MIN_EMBED_SECONDS = 1.0
 # A segment at least this long is scanned in windows for a change of speaker.

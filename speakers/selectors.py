@@ -56,7 +56,7 @@ def speaker_candidates(*, tenant_id: Any, speaker_ids: Iterable[str] = ()) -> li
     speaker stops matching at once, in running streams too.
     """
     from speakers import crypto
-    from speakers.embedding import embedding_from_bytes
+    from speech.embedding import embedding_from_bytes
 
     rows = SpeakerEmbedding.objects.filter(
         speaker__tenant_id=tenant_id, speaker__status=Speaker.Status.READY

@@ -26,9 +26,10 @@ from speakers import crypto
 from speakers.models import ConsentEvent, ConsentRecord, ErasureAudit, Speaker, SpeakerEmbedding
 from speakers.preflight import preflight_reference
 from speakers.verification import consent_verdict
+from speech.audio import decode_audio
+from speech.engines.base import TranscribeOptions
 from tenants.context import ActorContext
 from tenants.services import audit_record, policy_get_or_provision
-from transcription.audio import decode_audio
 
 logger = logging.getLogger("scaiecho.speakers")
 
@@ -177,8 +178,8 @@ def speaker_enrollment_run(*, speaker_id: str) -> None:
     backend policy: biometric recordings never leave our workers for a third-party relay. A speaker
     erased while this ran is left erased, and nothing computed here is kept.
     """
-    from speakers.embedding import MODEL_NAME, cosine_similarity, embedding_to_bytes, speaker_encoder
-    from transcription.engine import whisper_engine
+    from scaiecho_site.engines import speaker_encoder, whisper_engine
+    from speech.embedding import MODEL_NAME, cosine_similarity, embedding_to_bytes
 
     with transaction.atomic():
         speaker = Speaker.objects.select_for_update().filter(pk=speaker_id).first()
@@ -199,7 +200,7 @@ def speaker_enrollment_run(*, speaker_id: str) -> None:
     consent_voice = encoder.embed(spoken)
     similarity = cosine_similarity(voice, consent_voice)
     _set_stage(speaker.pk, Speaker.Stage.VERIFYING)
-    result = whisper_engine().transcribe(spoken, language=speaker.language_primary or None)
+    result = whisper_engine().transcribe(spoken, options=TranscribeOptions(language=speaker.language_primary or None))
     verdict = consent_verdict(
         consent_text=consent.consent_text,
         transcript=result.text,

@@ -23,7 +23,9 @@ from django.conf import settings
 
 from scaiecho_site import errors
 from scaiecho_site.envelope import new_request_id
-from streaming.decoders import make_decoder
+from speech.audio import SAMPLE_RATE, float_to_pcm
+from speech.decoders import make_decoder
+from speech.engines.base import TranscribeOptions
 from streaming.services import (
     StreamGrant,
     stream_authenticate,
@@ -32,15 +34,13 @@ from streaming.services import (
     stream_still_allowed,
     stream_worker_alive,
     stream_worker_pick,
-    wav_bytes,
 )
-from streaming.worker import ensure_embedded_worker, float_to_pcm
+from streaming.worker import ensure_embedded_worker
 from tenants.context import ActorContext
 from tenants.services import BACKEND_PREFERENCES
 
 logger = logging.getLogger("scaiecho.streaming")
 
-SAMPLE_RATE = 16_000
 
 CLOSE_NORMAL = 1000
 CLOSE_PROTOCOL = 4400
@@ -318,7 +318,7 @@ class TranscribeStreamConsumer(AsyncWebsocketConsumer):
     # --- Backend B: one relay request per chunk -----------------------------------------------
 
     async def relay_chunks(self) -> None:
-        from transcription.engine import relay_client
+        from scaiecho_site.engines import relay_client
 
         client = relay_client()
         while True:
@@ -328,10 +328,7 @@ class TranscribeStreamConsumer(AsyncWebsocketConsumer):
                     continue
                 samples, start = item
                 result = await sync_to_async(client.transcribe, thread_sensitive=False)(
-                    wav_bytes(samples),
-                    filename="chunk.wav",
-                    duration_s=samples.size / SAMPLE_RATE,
-                    language=self.options["language_hint"],
+                    samples, options=TranscribeOptions(language=self.options["language_hint"])
                 )
                 text = result.text.strip()
                 if text and not self.closing:

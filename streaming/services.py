@@ -7,13 +7,10 @@ consumer holds no ORM objects across awaits.
 
 from __future__ import annotations
 
-import io
 import uuid
-import wave
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-import numpy as np
 from django.conf import settings
 from django.utils import timezone
 
@@ -152,17 +149,3 @@ def stream_finish(*, grant: StreamGrant, ctx: ActorContext, audio_duration_ms: i
         resource_id=grant.session_id,
         details={"audio_duration_ms": audio_duration_ms, "outcome": outcome},
     )
-
-
-def wav_bytes(samples: np.ndarray, *, rate: int = 16_000) -> bytes:
-    """16-bit mono WAV of float samples, the format a relay surely accepts."""
-    from streaming.worker import float_to_pcm
-
-    pcm = float_to_pcm(samples)
-    out = io.BytesIO()
-    with wave.open(out, "wb") as writer:
-        writer.setnchannels(1)
-        writer.setsampwidth(2)
-        writer.setframerate(rate)
-        writer.writeframes(pcm)
-    return out.getvalue()

@@ -6,7 +6,7 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
-from streaming.consumers import SAMPLE_RATE
+from speech.audio import SAMPLE_RATE
 
 STREAM_PATH = "/v1/modules/scaiecho/stream/transcribe"
 

@@ -1,7 +1,7 @@
 """The stream worker: owns one Whisper model and the live sessions pinned to it (Backend A).
 
 Consumers (web processes) send a session's audio to the worker's channel on the channel layer;
-the worker runs each session's :class:`~streaming.transcriber.StreamSession` and sends the deltas
+the worker runs each session's :class:`~speech.transcriber.StreamSession` and sends the deltas
 back to the consumer's channel. With ``REDIS_URL`` set, web processes and stream workers are
 separate processes (``python manage.py stream_worker``), any number of each; with the embedded
 in-memory channel layer, one worker runs inside the web process, started by the first stream.
@@ -37,20 +37,12 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import close_old_connections
 
+from speech.audio import SAMPLE_RATE, pcm_to_float
 from transcription.models import SpeechWorker
 
 logger = logging.getLogger("scaiecho.stream_worker")
 
 CHANNEL_PREFIX = "scaiecho.streamworker."
-SAMPLE_RATE = 16000
-
-
-def pcm_to_float(pcm: bytes) -> np.ndarray:
-    return np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
-
-
-def float_to_pcm(samples: np.ndarray) -> bytes:
-    return (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2").tobytes()
 
 
 @dataclass
@@ -134,24 +126,16 @@ class StreamWorker:
         return self.channel
 
     def _load_model(self, lane: _Lane, index: int) -> None:
-        from streaming.transcriber import _silero_model, default_decoder
-        from transcription.backends.whisper import WhisperEngine
-        from transcription.engine import whisper_engine
+        from scaiecho_site.engines import build_engine, whisper_engine
+        from speech.vad import load_vad
 
         if index == 0:
             lane.engine = self.engine or whisper_engine()
         else:  # each further lane has a model of its own, so decodes run side by side
-            lane.engine = WhisperEngine(
-                model_name=settings.SCAIECHO_WHISPER_MODEL,
-                device=settings.SCAIECHO_WHISPER_DEVICE or None,
-                cpu_threads=settings.SCAIECHO_WHISPER_CPU_THREADS,
-                cache_dir=settings.SCAIECHO_WHISPER_CACHE_DIR,
-            )
+            lane.engine = build_engine()
         lane.engine.load()
-        _silero_model()
-        warm_up = getattr(default_decoder(lane.engine), "warm_up", None)
-        if warm_up is not None:  # compiles Whisper's alignment code now, not in a live session
-            warm_up()
+        load_vad()
+        lane.engine.warm_up()  # compiles Whisper's alignment code now, not in a live session
 
     async def heartbeat(self) -> None:
         from transcription.services import worker_heartbeat
@@ -235,7 +219,7 @@ class StreamWorker:
         session.inbox.put_nowait(message)
 
     async def open(self, session_id: str, message: dict[str, Any]) -> None:
-        from streaming.transcriber import StreamSession
+        from speech.transcriber import StreamSession
 
         lane = min(self.lanes, key=lambda candidate: candidate.sessions)
         lane.sessions += 1
@@ -244,8 +228,8 @@ class StreamWorker:
         )
         session = _Session(reply_to=message["reply_to"], transcriber=transcriber, lane=lane)
         if message.get("diarize"):
+            from scaiecho_site.engines import speaker_encoder
             from speakers.diarization import SpeakerTracker
-            from speakers.embedding import speaker_encoder
 
             session.speakers = _Speakers(
                 tenant_id=message["tenant_id"], speaker_ids=list(message.get("speaker_ids") or []), tracker=SpeakerTracker()
@@ -356,10 +340,10 @@ def _attribute_span(speakers: _Speakers, feeds: list[np.ndarray], offset: float,
     The candidates are read from the database for every final, so a speaker erased while the
     session runs is not matched again.
     """
+    from scaiecho_site.engines import speaker_encoder
     from speakers.diarization import diarize_segments
-    from speakers.embedding import speaker_encoder
     from speakers.selectors import speaker_candidates
-    from transcription.backends.base import Segment
+    from speech.engines.base import Segment
 
     # Joined here, in the speaker thread, not on the event loop.
     audio = np.concatenate(feeds) if feeds else np.zeros(0, dtype=np.float32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from decimal import Decimal
 
@@ -9,6 +10,14 @@ from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.utils import timezone
+
+API_KEY_PREFIX = "sgk_"
+
+
+def api_key_hash(raw_key: str) -> str:
+    """The SHA-256 a key is stored and looked up by (the key itself is never stored)."""
+    return hashlib.sha256(raw_key.encode()).hexdigest()
+
 
 # The contract's four permissions and the role defaults, exactly.
 PERM_TRANSCRIBE = "scaiecho:transcribe"

@@ -11,7 +11,16 @@ from django.db.models import Count, Q, QuerySet, Sum
 from django.utils import timezone
 
 from scaiecho_site import errors
-from tenants.models import ROLE_PERMISSIONS, ApiKey, BudgetPeriod, Membership, Tenant, TenantBudget, UsageRecord
+from tenants.models import (
+    ROLE_PERMISSIONS,
+    ApiKey,
+    BudgetPeriod,
+    Membership,
+    Tenant,
+    TenantBudget,
+    UsageRecord,
+    api_key_hash,
+)
 
 
 def api_key_by_hash(*, key_hash: str) -> ApiKey | None:
@@ -25,8 +34,6 @@ def api_key_by_hash(*, key_hash: str) -> ApiKey | None:
 
 def api_keys_matching(*, reference: str) -> list[ApiKey]:
     """Keys an operator may mean by ``reference``: a full key, a key id, or a unique id prefix."""
-    from tenants.services import api_key_hash
-
     if reference.startswith("sgk_"):
         return list(ApiKey.objects.filter(key_hash=api_key_hash(reference)))
     try:

@@ -7,7 +7,6 @@ its transaction and writes its audit row inside it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import secrets
@@ -27,6 +26,7 @@ from django.utils.module_loading import import_string
 from scaiecho_site import errors
 from tenants.context import ActorContext, system_actor
 from tenants.models import (
+    API_KEY_PREFIX,
     ApiKey,
     AuditEvent,
     Backend,
@@ -38,12 +38,12 @@ from tenants.models import (
     TenantPolicy,
     UsageKind,
     UsageRecord,
+    api_key_hash,
 )
 from tenants.selectors import BudgetUsage, budget_usages, budgets_active
 
 logger = logging.getLogger(__name__)
 
-API_KEY_PREFIX = "sgk_"
 API_KEY_RANDOM_BYTES = 32  # 43 URL-safe characters
 
 VALID_ALLOWED_BACKENDS = ("A", "B", "AB", "BA")
@@ -120,10 +120,6 @@ def membership_ensure(*, tenant_slug: str, username: str, role: str, ctx: ActorC
 
 
 # --- API keys ------------------------------------------------------------------------------------
-
-
-def api_key_hash(raw_key: str) -> str:
-    return hashlib.sha256(raw_key.encode()).hexdigest()
 
 
 def api_key_generate() -> str:

@@ -67,3 +67,13 @@ def issue_key(db: None) -> Callable[..., IssuedKey]:
 @pytest.fixture
 def admin_key(issue_key: Callable[..., IssuedKey]) -> IssuedKey:
     return issue_key(role="tenant_admin")
+
+
+@pytest.fixture(scope="session")
+def encoder():
+    """The speaker model, loaded once per test session (about 1 s and 0.5 GB)."""
+    from speech.embedding import SpeakerEncoder
+
+    model = SpeakerEncoder(cpu_threads=1)
+    model.load()
+    return model

@@ -20,12 +20,13 @@ from scaiecho_site import errors
 from scaiecho_site.envelope import ok
 from scaiecho_site.schema import ErrorEnvelope, responses
 from speakers.selectors import unknown_speaker_ids
+from speech.audio import sniff_extension
+from speech.engines.base import Segment, TranscriptionResult, Word
 from tenants.models import PERM_DIARIZE, PERM_TRANSCRIBE
 from tenants.permissions import TenantApiView
 from tenants.services import BACKEND_PREFERENCES, audit_record, policy_get_or_provision, policy_resolve_backend
 from transcription import formats
-from transcription.audio import sniff_extension
-from transcription.backends.base import Segment, TranscriptionResult, Word
+from transcription.failures import error_of
 from transcription.models import TranscriptionJob
 from transcription.selectors import job_for_owner
 from transcription.services import job_create, job_wait
@@ -33,20 +34,6 @@ from transcription.services import job_create, job_wait
 ASYNC_NOTE = "Long-form transcribe runs asynchronously. Poll GET /v1/modules/scaiecho/transcribe/jobs/{id}"
 
 # A failed inline job answers with the error its failure stands for.
-_FAILURE_ERRORS: dict[str, type[errors.ApplicationError]] = {
-    cls.code: cls
-    for cls in (
-        errors.UnsupportedMedia,
-        errors.ValidationError,
-        errors.BudgetExceeded,
-        errors.BackendUnavailable,
-        errors.BackendError,
-        errors.UpstreamShapeMismatch,
-        errors.BackendTimeout,
-        errors.BackendRateLimited,
-        errors.InternalError,
-    )
-}
 
 
 class SegmentOutput(serializers.Serializer):
@@ -130,19 +117,11 @@ def read_upload(upload: Any) -> tuple[bytes, str]:
     return data, sniff_extension(data)
 
 
-def failure_error(job: TranscriptionJob) -> errors.ApplicationError:
-    error_class = _FAILURE_ERRORS.get(job.error_code, errors.InternalError)
-    if error_class is errors.InternalError:
-        return errors.InternalError()
-    details = [{"field": "file", "message": job.status_reason}] if error_class is errors.ValidationError else None
-    return error_class(f"Transcription failed: {job.status_reason}.", details=details)
-
-
 def finish_inline(job: TranscriptionJob) -> TranscriptionJob:
     """Wait for an inline job; a job still unfinished at the deadline stays pollable."""
     job = job_wait(job_id=job.id, timeout_s=settings.SCAIECHO_SYNC_TIMEOUT_SECONDS)
     if job.status == TranscriptionJob.Status.FAILED:
-        raise failure_error(job)
+        raise error_of(code=job.error_code, reason=job.status_reason)
     if job.status != TranscriptionJob.Status.COMPLETED:
         raise errors.BackendTimeout(
             "The transcription did not finish in time; it goes on, and its job can be polled.",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from transcription.backends.base import Segment, TranscriptionResult, language_name
+from speech.engines.base import Segment, TranscriptionResult, language_name
 
 RESPONSE_FORMATS: tuple[str, ...] = ("json", "text", "srt", "vtt", "verbose_json", "diarized_json")
 

@@ -19,22 +19,16 @@ from django.db import transaction
 from django.utils import timezone
 
 from scaiecho_site import errors
+from speech.audio import decode_audio
+from speech.engines.base import EncodedAudio, TranscribeOptions, TranscriptionResult
 from tenants.context import ActorContext
 from tenants.services import budget_check, policy_get_or_provision, policy_resolve_backend, usage_record
-from transcription.audio import decode_audio
-from transcription.backends.base import TranscriptionResult
+from transcription.failures import JobAttemptsExhausted, JobTimeLimit, failure_of
 from transcription.models import SpeechWorker, TranscriptionJob
 from transcription.storage import delete_staged, read_staged, stage_upload
 
 logger = logging.getLogger("scaiecho.transcription")
 
-# status_reason values clients see (contract section 2).
-REASON_DECODE = "decode failure"
-REASON_QUOTA = "quota exceeded"
-REASON_UNAVAILABLE = "backend unavailable"
-REASON_TOO_LONG = "audio too long"
-REASON_TIMEOUT = "time limit exceeded"
-REASON_ATTEMPTS = "worker lost too many times"
 
 
 # --- Worker registry -----------------------------------------------------------------------------
@@ -141,13 +135,24 @@ def job_wait(*, job_id: Any, timeout_s: float) -> TranscriptionJob:
         delay = min(delay * 1.5, 0.1)
 
 
-def _fail(job: TranscriptionJob, *, reason: str, code: str) -> None:
+def job_fail(*, job: TranscriptionJob, error: BaseException) -> None:
+    """End ``job`` as failed with the reason and code :data:`transcription.failures.FAILURES` gives
+    ``error``, and delete its staged audio. The one place a job fails."""
+    reason, code = failure_of(error)
     job.status = TranscriptionJob.Status.FAILED
     job.status_reason = reason
     job.error_code = code
     job.completed_at = timezone.now()
     job.save(update_fields=["status", "status_reason", "error_code", "completed_at"])
     delete_staged(name=job.staged_path)
+
+
+def job_fail_running(*, job_id: Any, error: BaseException) -> None:
+    """Fail the job if it is still running (the task hit its time limit)."""
+    with transaction.atomic():
+        job = TranscriptionJob.objects.select_for_update().filter(pk=job_id, status=TranscriptionJob.Status.RUNNING).first()
+        if job is not None:
+            job_fail(job=job, error=error)
 
 
 class JobBusyElsewhere(Exception):  # noqa: N818 - a state, like FileExistsError
@@ -170,7 +175,7 @@ def _claim(*, job_id: str, worker_id: str) -> TranscriptionJob | None:
                 raise JobBusyElsewhere(job.worker_id)
         job.attempts += 1
         if job.attempts > settings.SCAIECHO_JOB_MAX_ATTEMPTS:
-            _fail(job, reason=REASON_ATTEMPTS, code=errors.BackendError.code)
+            job_fail(job=job, error=JobAttemptsExhausted())
             return None
         job.status = TranscriptionJob.Status.RUNNING
         job.worker_id = worker_id
@@ -189,50 +194,43 @@ def _segments_json(result: TranscriptionResult) -> list[dict[str, Any]]:
     return segments
 
 
-def job_run(*, job_id: str, worker_id: str, final_attempt: bool) -> None:
+class RetryJob(Exception):  # noqa: N818 - an instruction to the task, not a failure
+    """A transient error the task retries (``autoretry_for``); the job is back in ``queued``."""
+
+    def __init__(self, error: errors.ApplicationError) -> None:
+        self.error = error
+        super().__init__(f"{error.code}: {error.message}")
+
+
+def job_run(*, job_id: str, worker_id: str, retries_left: bool) -> None:
     """Run one job on this worker: resolve the backend, transcribe, store the result, meter it.
 
-    Transient backend errors propagate so the task can retry them, except on the final attempt,
-    where the job fails with the error's code. Everything else ends the job as failed.
+    A transient error (an unavailable or failing backend) raises :class:`RetryJob` while the task
+    has ``retries_left``; every other error, and a transient one on the last try, ends the job
+    through :func:`job_fail`.
     """
     job = _claim(job_id=job_id, worker_id=worker_id)
     if job is None:
         return
     tenant = job.tenant
-    try:
-        budget_check(tenant=tenant)
-    except errors.BudgetExceeded:
-        _fail(job, reason=REASON_QUOTA, code=errors.BudgetExceeded.code)
-        return
     started = time.monotonic()
     try:
+        budget_check(tenant=tenant)
         backend = policy_resolve_backend(policy=policy_get_or_provision(tenant=tenant), preference=job.backend_preference)
         data = read_staged(name=job.staged_path)
         audio = decode_audio(data, max_duration_s=settings.SCAIECHO_MAX_AUDIO_SECONDS)
         result = _transcribe(job=job, backend=backend, data=data, audio=audio)
         if job.diarize:
             result = _diarize(job=job, audio=audio.samples, result=result)
-    except errors.UnsupportedMedia:
-        _fail(job, reason=REASON_DECODE, code=errors.UnsupportedMedia.code)
-        return
-    except errors.ValidationError as exc:
-        _fail(job, reason=REASON_TOO_LONG if "longer" in exc.message else exc.message[:200], code=exc.code)
-        return
-    except errors.BackendUnavailable as exc:
-        if not final_attempt:
-            _requeue(job)
-            raise
-        _fail(job, reason=REASON_UNAVAILABLE, code=exc.code)
-        return
     except errors.ApplicationError as exc:
-        if exc.transient and not final_attempt:
+        if exc.transient and retries_left:
             _requeue(job)
-            raise
-        _fail(job, reason=exc.message[:200], code=exc.code)
+            raise RetryJob(exc) from exc
+        job_fail(job=job, error=exc)
         return
-    except Exception:  # a bug must end the job visibly, not leave it running
+    except Exception as exc:  # a bug must end the job visibly, not leave it running
         logger.exception("job %s failed unexpectedly", job.id)
-        _fail(job, reason="internal error", code=errors.InternalError.code)
+        job_fail(job=job, error=exc)
         return
     latency_ms = int((time.monotonic() - started) * 1000)
     with transaction.atomic():
@@ -270,26 +268,17 @@ def _requeue(job: TranscriptionJob) -> None:
 
 
 def _transcribe(*, job: TranscriptionJob, backend: str, data: bytes, audio: Any) -> TranscriptionResult:
-    from transcription.engine import relay_client, whisper_engine
+    from scaiecho_site.engines import engine_for_backend
 
-    if backend == "A":
-        return whisper_engine().transcribe(
-            audio.samples,
-            language=job.language_hint or None,
-            temperature=job.temperature,
-            # Diarization cuts segments between words where the speaker changes.
-            word_timestamps=job.word_timestamps or job.diarize,
-            initial_prompt=job.prompt or None,
-        )
-    return relay_client().transcribe(
-        data,
-        filename=f"audio.{job.audio_ext}",
-        duration_s=audio.duration_s,
+    options = TranscribeOptions(
         language=job.language_hint or None,
         temperature=job.temperature,
+        # Diarization cuts segments between words where the speaker changes.
         word_timestamps=job.word_timestamps or job.diarize,
         prompt=job.prompt or None,
+        original=EncodedAudio(data=data, filename=f"audio.{job.audio_ext}"),
     )
+    return engine_for_backend(backend).transcribe(audio.samples, options=options)
 
 
 def _diarize(*, job: TranscriptionJob, audio: Any, result: TranscriptionResult) -> TranscriptionResult:
@@ -298,8 +287,8 @@ def _diarize(*, job: TranscriptionJob, audio: Any, result: TranscriptionResult) 
     Whichever backend transcribed, the voices are compared here, with this worker's own speaker
     model: no voice data goes to the relay.
     """
+    from scaiecho_site.engines import speaker_encoder
     from speakers.diarization import SpeakerTracker, diarize_segments
-    from speakers.embedding import speaker_encoder
     from speakers.selectors import speaker_candidates
 
     segments = diarize_segments(
@@ -325,6 +314,6 @@ def jobs_fail_stale(*, now: Any = None) -> int:
     stale = TranscriptionJob.objects.filter(status=TranscriptionJob.Status.RUNNING, started_at__lt=cutoff)
     count = 0
     for job in stale:
-        _fail(job, reason=REASON_TIMEOUT, code=errors.BackendTimeout.code)
+        job_fail(job=job, error=JobTimeLimit())
         count += 1
     return count

@@ -63,7 +63,7 @@ def retire_worker(**_kwargs: Any) -> None:
 def preload_model(**_kwargs: Any) -> None:
     if not settings.SCAIECHO_WHISPER_PRELOAD:
         return
-    from transcription.engine import whisper_engine
+    from scaiecho_site.engines import whisper_engine
 
     try:
         whisper_engine().load()

@@ -13,14 +13,13 @@ import numpy as np
 import playwright.sync_api as playwright_sync  # noqa: E402
 import pytest
 
-from streaming.services import wav_bytes
+from speech.audio import decode_audio, wav_bytes
 from streaming.tokens import caption_token_issue, caption_token_key
 from tenants.models import Role
-from tests.speech import synth_speech, word_error_rate
 from tests.streaming.test_consumer import issue
 from tests.streaming.test_stream_worker import stream_worker, wait_until_announced  # noqa: F401 (fixture)
+from tests.voices import synth_speech, word_error_rate
 from tests.workers import DaphneServer, database_url_for_workers
-from transcription.audio import decode_audio
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"

@@ -9,10 +9,10 @@ from django.urls import reverse
 from django.utils.html import escape
 
 from speakers.models import ConsentEvent, ErasureAudit, Speaker, SpeakerEmbedding
+from speech.audio import decode_audio
 from tenants.models import AuditEvent, Role, TenantPolicy
 from tests.factories import KeyFactory
 from tests.speakers.voices import ALICE, BORIS, CONSENT_TEXT, PURPOSE, enroll, say, wait_enrolled
-from transcription.audio import decode_audio
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 

@@ -7,7 +7,7 @@ import pytest
 from cryptography.fernet import Fernet
 
 from speakers import crypto
-from speakers.embedding import EMBEDDING_DIM, embedding_from_bytes, embedding_to_bytes
+from speech.embedding import EMBEDDING_DIM, embedding_from_bytes, embedding_to_bytes
 
 VOICE = b"RIFF....WAVEfmt the reference recording"
 

@@ -8,9 +8,9 @@ import pytest
 
 from speakers.diarization import SpeakerTracker, diarize_segments
 from speakers.selectors import Candidate
+from speech.audio import decode_audio
+from speech.engines.base import Segment, Word
 from tests.speakers.voices import ALICE, BORIS, CARL, REFERENCE_TEXT, say
-from transcription.audio import decode_audio
-from transcription.backends.base import Segment, Word
 
 SYNTHETIC_THRESHOLD = 0.6  # espeak voices are more alike than people; see tests/workers.py
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from django.db import connection
 
-from streaming.worker import float_to_pcm
+from speech.audio import decode_audio, float_to_pcm
 from tenants.models import Role, TenantPolicy
 from tests.factories import KeyFactory
 from tests.speakers.test_enrollment import CONVERSATION, Turn, conversation
@@ -19,7 +19,6 @@ from tests.speakers.voices import ALICE, BORIS, CARL, SPEAKERS_URL, enroll_ready
 from tests.streaming.test_consumer import PATH, Client, assert_error_close, run
 from tests.streaming.test_stream_worker import StreamWorkerProcess, wait_until_announced
 from tests.workers import RELAY_KEY, SYNTHETIC_VOICE_THRESHOLDS
-from transcription.audio import decode_audio
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 

@@ -15,10 +15,10 @@ from django.core.files.storage import default_storage
 from django.core.files.uploadedfile import SimpleUploadedFile
 
 from speakers import crypto
-from speakers.embedding import EMBEDDING_DIM, embedding_from_bytes
 from speakers.models import ConsentEvent, ConsentRecord, ErasureAudit, Speaker, SpeakerEmbedding
 from speakers.services import STORAGE_PREFIX
-from streaming.services import wav_bytes
+from speech.audio import decode_audio, wav_bytes
+from speech.embedding import EMBEDDING_DIM, embedding_from_bytes
 from tenants.models import Role, TenantPolicy
 from tests.factories import KeyFactory
 from tests.speakers.voices import (
@@ -33,8 +33,7 @@ from tests.speakers.voices import (
     say,
     wait_enrolled,
 )
-from tests.speech import word_error_rate
-from transcription.audio import decode_audio
+from tests.voices import word_error_rate
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 

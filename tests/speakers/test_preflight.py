@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from speakers.preflight import preflight_reference
-from tests.speech import real_speech, synth_speech
-from transcription.audio import decode_audio
+from speech.audio import decode_audio
+from tests.voices import real_speech, synth_speech
 
 TEXT = "We walked along the river until the sun went down, and then we talked about the plans for the garden."
 VOICES = ["en-us", "en+m3", "en-gb-scotland+david", "en+f3", "en-us+Annie", "en-029+Andy", "en-gb-x-rp+linda"]

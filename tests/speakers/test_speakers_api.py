@@ -16,12 +16,12 @@ from django.db.utils import DatabaseError
 from speakers import crypto
 from speakers.models import ConsentEvent, ConsentRecord, ErasureAudit, Speaker
 from speakers.services import STORAGE_PREFIX
+from speech.audio import decode_audio
 from tenants.models import PERM_ENROLL, AuditEvent, Role
 from tests.factories import KeyFactory
 from tests.speakers.voices import ALICE, BORIS, CONSENT_TEXT, REFERENCE_TEXT, SPEAKERS_URL, enroll, enrollment_form, say
-from tests.speech import silence_wav
 from tests.tenants.test_auth import assert_error
-from transcription.audio import decode_audio
+from tests.voices import silence_wav
 
 pytestmark = pytest.mark.django_db
 

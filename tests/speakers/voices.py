@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from django.core.files.uploadedfile import SimpleUploadedFile
 
 from speakers.models import Speaker
-from tests.speech import synth_speech
+from tests.voices import synth_speech
 
 SPEAKERS_URL = "/v1/modules/scaiecho/speakers"
 CONSENT_TEXT = "I agree that my voice may be used to recognise me in meeting transcripts."

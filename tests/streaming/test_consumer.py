@@ -24,7 +24,7 @@ from tenants.models import Role, TenantBudget, TenantPolicy, UsageRecord
 from tenants.services import api_key_revoke
 from tests.factories import IssuedKey, KeyFactory
 from tests.relay_server import DEFAULT_VERBOSE_JSON, RelayServer
-from tests.speech import synth_speech
+from tests.voices import synth_speech
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -404,8 +404,8 @@ def test_relay_failure_is_an_error_and_4502(relay, speech_wav):
 
 @pytest.mark.parametrize("media_type", ["audio/ogg", "audio/webm", "audio/mpeg", "audio/L16"])
 def test_each_media_type_streams_end_to_end(relay, speech_wav, media_type):
-    from tests.speech import convert_audio
     from tests.streaming.test_decoders import media_recorder_webm, pcm_payload
+    from tests.voices import convert_audio
 
     make = {
         "audio/ogg": lambda: convert_audio(speech_wav, "ogg"),

@@ -12,9 +12,9 @@ import pytest
 import websockets
 
 from tenants.models import Role
-from tests.speech import synth_speech, word_error_rate
 from tests.streaming.test_consumer import issue
 from tests.streaming.test_stream_worker import stream_worker, wait_until_announced  # noqa: F401 (fixture)
+from tests.voices import synth_speech, word_error_rate
 from tests.workers import DaphneServer, database_url_for_workers
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]

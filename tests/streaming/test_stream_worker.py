@@ -14,13 +14,12 @@ import numpy as np
 import pytest
 from django.utils import timezone
 
-from streaming.services import wav_bytes
+from speech.audio import decode_audio, wav_bytes
 from tenants.models import Role
 from tests.processes import ManagedProcess
-from tests.speech import synth_speech, word_error_rate
 from tests.streaming.test_consumer import PATH, Client, assert_error_close, issue, run
+from tests.voices import synth_speech, word_error_rate
 from tests.workers import database_url_for_workers
-from transcription.audio import decode_audio
 from transcription.models import SpeechWorker
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.speech import synth_speech, word_error_rate
+from tests.voices import synth_speech, word_error_rate
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable

@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.speech import synth_speech, word_error_rate
 from tests.transcription.test_batch_api import SPOKEN, key_with_policy
+from tests.voices import synth_speech, word_error_rate
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 

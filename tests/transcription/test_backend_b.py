@@ -10,9 +10,9 @@ import pytest
 from tenants.models import Role, TenantPolicy, UsageRecord
 from tests.factories import KeyFactory
 from tests.relay_server import DEFAULT_VERBOSE_JSON, RelayServer
-from tests.speech import synth_speech, word_error_rate
 from tests.tenants.test_auth import assert_error
 from tests.transcription.test_batch_api import SPOKEN, TRANSCRIBE_URL, key_with_policy, upload
+from tests.voices import synth_speech, word_error_rate
 from tests.workers import RELAY_KEY
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]

@@ -13,8 +13,8 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 
 from tenants.models import ApiKey, AuditEvent, Role, TenantPolicy, UsageRecord
 from tests.factories import KeyFactory
-from tests.speech import convert_audio, silence_wav, synth_speech, word_error_rate
 from tests.tenants.test_auth import assert_error
+from tests.voices import convert_audio, silence_wav, synth_speech, word_error_rate
 from transcription.models import TranscriptionJob
 from transcription.storage import staged_name
 

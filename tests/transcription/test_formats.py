@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from transcription.backends.base import Segment, TranscriptionResult, Word
+from speech.engines.base import Segment, TranscriptionResult, Word
 from transcription.formats import format_timestamp, render
 
 HELLO = TranscriptionResult(

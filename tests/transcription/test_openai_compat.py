@@ -6,8 +6,8 @@ import pytest
 from openai import AuthenticationError, OpenAI
 
 from tenants.models import Role
-from tests.speech import synth_speech, word_error_rate
 from tests.transcription.test_batch_api import SPOKEN, key_with_policy
+from tests.voices import synth_speech, word_error_rate
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 

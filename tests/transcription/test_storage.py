@@ -22,8 +22,8 @@ import httpx
 import pytest
 
 from scaiecho_site.celery import app as celery_app
-from tests.speech import synth_speech, word_error_rate
 from tests.transcription.test_batch_api import SPOKEN, TRANSCRIBE_URL, job_url, key_with_policy, upload
+from tests.voices import synth_speech, word_error_rate
 from tests.workers import WorkerProcess
 from transcription.models import TranscriptionJob
 from transcription.services import worker_heartbeat

@@ -8,7 +8,7 @@ import pytest
 
 from tenants.models import Role, TenantPolicy
 from tests.factories import KeyFactory
-from tests.speech import synth_speech, word_error_rate
+from tests.voices import synth_speech, word_error_rate
 from tests.workers import WorkerProcess
 from transcription.models import TranscriptionJob
 from transcription.services import worker_heartbeat

@@ -10,11 +10,14 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
+import numpy as np
 import pytest
 
 from scaiecho_site.errors import BackendError, BackendRateLimited, BackendTimeout, UpstreamShapeMismatch
+from speech.audio import SAMPLE_RATE
+from speech.engines.base import EncodedAudio, TranscribeOptions
+from speech.engines.relay import RelayClient, RelayRejected
 from tests.relay_server import RelayServer
-from transcription.backends.relay import RelayClient, RelayRejected
 
 KEY = "relay-secret-5b1f0c9e77"
 AUDIO = b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(64)
@@ -26,12 +29,20 @@ def relay() -> Iterator[RelayServer]:
         yield server
 
 
+def seconds_of_samples(seconds: float) -> np.ndarray:
+    """Samples of the given length: what the relay reports as the duration, whatever it hears."""
+    return np.zeros(round(seconds * SAMPLE_RATE), dtype=np.float32)
+
+
 def client_for(relay: RelayServer, *, api_key: str = KEY, timeout_s: float = 5.0) -> RelayClient:
     return RelayClient(base_url=relay.base_url, api_key=api_key, model="whisper-1", timeout_s=timeout_s)
 
 
 def test_verbose_json_becomes_segments_with_their_words_and_an_iso_language(relay: RelayServer) -> None:
-    result = client_for(relay).transcribe(AUDIO, filename="talk.wav", duration_s=4.2, word_timestamps=True)
+    result = client_for(relay).transcribe(
+        seconds_of_samples(4.2),
+        options=TranscribeOptions(original=EncodedAudio(AUDIO, "talk.wav"), word_timestamps=True),
+    )
 
     assert result.text == "Hello there. General Kenobi."
     assert result.language == "en"  # the relay said "english"
@@ -47,7 +58,9 @@ def test_verbose_json_becomes_segments_with_their_words_and_an_iso_language(rela
 
 
 def test_words_are_left_out_unless_asked_for(relay: RelayServer) -> None:
-    result = client_for(relay).transcribe(AUDIO, filename="talk.wav", duration_s=4.0)
+    result = client_for(relay).transcribe(
+        seconds_of_samples(4.0), options=TranscribeOptions(original=EncodedAudio(AUDIO, "talk.wav"))
+    )
 
     assert all(s.words is None for s in result.segments)
 
@@ -56,13 +69,14 @@ def test_the_request_carries_model_options_file_and_bearer_key(relay: RelayServe
     client = RelayClient(base_url=relay.base_url + "/", api_key=KEY, model="whisper-large-v3", timeout_s=5)
 
     client.transcribe(
-        AUDIO,
-        filename="talk.wav",
-        duration_s=4.0,
-        language="German",
-        temperature=0.2,
-        word_timestamps=True,
-        prompt="ScaiEcho, Kenobi",
+        seconds_of_samples(4.0),
+        options=TranscribeOptions(
+            original=EncodedAudio(AUDIO, "talk.wav"),
+            language="German",
+            temperature=0.2,
+            word_timestamps=True,
+            prompt="ScaiEcho, Kenobi",
+        ),
     )
 
     (sent,) = relay.requests
@@ -78,7 +92,9 @@ def test_the_request_carries_model_options_file_and_bearer_key(relay: RelayServe
 
 
 def test_optional_fields_are_not_sent_when_not_given(relay: RelayServer) -> None:
-    client_for(relay).transcribe(AUDIO, filename="a.mp3", duration_s=1.0)
+    client_for(relay).transcribe(
+        seconds_of_samples(1.0), options=TranscribeOptions(original=EncodedAudio(AUDIO, "a.mp3"))
+    )
 
     (sent,) = relay.requests
     assert sent.fields["timestamp_granularities[]"] == ["segment"]
@@ -88,7 +104,10 @@ def test_optional_fields_are_not_sent_when_not_given(relay: RelayServer) -> None
 def test_a_plain_json_answer_is_one_segment_over_the_whole_audio(relay: RelayServer) -> None:
     relay.static_body = {"text": " Just the text. "}
 
-    result = client_for(relay).transcribe(AUDIO, filename="a.wav", duration_s=3.5, language="fr", word_timestamps=True)
+    result = client_for(relay).transcribe(
+        seconds_of_samples(3.5),
+        options=TranscribeOptions(original=EncodedAudio(AUDIO, "a.wav"), language="fr", word_timestamps=True),
+    )
 
     assert result.text == "Just the text."
     assert result.language == "fr"  # the requested one, since the relay named none
@@ -99,7 +118,9 @@ def test_a_wrong_key_is_a_permanent_rejection_that_names_the_status(relay: Relay
     wrong = "sk-wrong-7d0a5e31c4"
 
     with pytest.raises(RelayRejected) as caught:
-        client_for(relay, api_key=wrong).transcribe(AUDIO, filename="a.wav", duration_s=1.0)
+        client_for(relay, api_key=wrong).transcribe(
+            seconds_of_samples(1.0), options=TranscribeOptions(original=EncodedAudio(AUDIO, "a.wav"))
+        )
 
     assert isinstance(caught.value, BackendError)
     assert caught.value.transient is False
@@ -112,7 +133,9 @@ def test_other_client_errors_are_permanent(relay: RelayServer, status: int) -> N
     relay.mode, relay.error_status = "error", status
 
     with pytest.raises(RelayRejected, match=str(status)) as caught:
-        client_for(relay).transcribe(AUDIO, filename="a.wav", duration_s=1.0)
+        client_for(relay).transcribe(
+            seconds_of_samples(1.0), options=TranscribeOptions(original=EncodedAudio(AUDIO, "a.wav"))
+        )
     assert caught.value.transient is False
 
 
@@ -121,7 +144,9 @@ def test_a_hanging_relay_times_out_promptly(relay: RelayServer) -> None:
     started = time.monotonic()
 
     with pytest.raises(BackendTimeout) as caught:
-        client_for(relay, timeout_s=0.5).transcribe(AUDIO, filename="a.wav", duration_s=1.0)
+        client_for(relay, timeout_s=0.5).transcribe(
+            seconds_of_samples(1.0), options=TranscribeOptions(original=EncodedAudio(AUDIO, "a.wav"))
+        )
 
     assert time.monotonic() - started < 2.0
     assert caught.value.transient is True
@@ -131,7 +156,9 @@ def test_429_is_rate_limited_with_the_relays_retry_after(relay: RelayServer) -> 
     relay.mode, relay.retry_after = "ratelimit", 7
 
     with pytest.raises(BackendRateLimited) as caught:
-        client_for(relay).transcribe(AUDIO, filename="a.wav", duration_s=1.0)
+        client_for(relay).transcribe(
+            seconds_of_samples(1.0), options=TranscribeOptions(original=EncodedAudio(AUDIO, "a.wav"))
+        )
 
     assert caught.value.retry_after == 7
     assert caught.value.transient is True
@@ -141,13 +168,17 @@ def test_429_retry_after_as_http_date_and_absent(relay: RelayServer) -> None:
     relay.mode = "ratelimit"
     relay.retry_after = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
     with pytest.raises(BackendRateLimited) as dated:
-        client_for(relay).transcribe(AUDIO, filename="a.wav", duration_s=1.0)
+        client_for(relay).transcribe(
+            seconds_of_samples(1.0), options=TranscribeOptions(original=EncodedAudio(AUDIO, "a.wav"))
+        )
     assert dated.value.retry_after is not None
     assert 28 <= dated.value.retry_after <= 31
 
     relay.retry_after = None
     with pytest.raises(BackendRateLimited) as bare:
-        client_for(relay).transcribe(AUDIO, filename="a.wav", duration_s=1.0)
+        client_for(relay).transcribe(
+            seconds_of_samples(1.0), options=TranscribeOptions(original=EncodedAudio(AUDIO, "a.wav"))
+        )
     assert bare.value.retry_after == 1
 
 
@@ -156,7 +187,9 @@ def test_server_errors_are_transient_backend_errors(relay: RelayServer, status: 
     relay.mode, relay.error_status = "error", status
 
     with pytest.raises(BackendError) as caught:
-        client_for(relay).transcribe(AUDIO, filename="a.wav", duration_s=1.0)
+        client_for(relay).transcribe(
+            seconds_of_samples(1.0), options=TranscribeOptions(original=EncodedAudio(AUDIO, "a.wav"))
+        )
 
     assert not isinstance(caught.value, RelayRejected | UpstreamShapeMismatch)
     assert caught.value.transient is True
@@ -170,7 +203,7 @@ def test_a_closed_port_is_a_transient_backend_error() -> None:
     client = RelayClient(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, model="whisper-1", timeout_s=2)
 
     with pytest.raises(BackendError) as caught:
-        client.transcribe(AUDIO, filename="a.wav", duration_s=1.0)
+        client.transcribe(seconds_of_samples(1.0), options=TranscribeOptions(original=EncodedAudio(AUDIO, "a.wav")))
 
     assert type(caught.value) is BackendError
     assert caught.value.transient is True
@@ -193,7 +226,9 @@ def test_answers_we_cannot_read_are_shape_mismatches(relay: RelayServer, mode: s
         relay.static_body = body  # type: ignore[assignment]
 
     with pytest.raises(UpstreamShapeMismatch) as caught:
-        client_for(relay).transcribe(AUDIO, filename="a.wav", duration_s=1.0)
+        client_for(relay).transcribe(
+            seconds_of_samples(1.0), options=TranscribeOptions(original=EncodedAudio(AUDIO, "a.wav"))
+        )
     assert caught.value.transient is False
 
 
@@ -205,13 +240,13 @@ def test_the_key_never_shows_in_errors_reprs_or_logs(relay: RelayServer, caplog:
     for mode in ("static", "hang", "ratelimit", "error", "badshape", "notext"):
         relay.mode = mode  # type: ignore[assignment]
         try:
-            client.transcribe(AUDIO, filename="a.wav", duration_s=1.0)
+            client.transcribe(seconds_of_samples(1.0), options=TranscribeOptions(original=EncodedAudio(AUDIO, "a.wav")))
         except (BackendError, BackendTimeout, BackendRateLimited) as exc:
             seen += [str(exc), repr(exc), exc.message, repr(exc.as_error_body())]
     # A rejection of a wrong key, where the relay echoes what it got.
     wrong = RelayClient(base_url=relay.base_url, api_key=KEY + "x", model="whisper-1", timeout_s=2)
     with pytest.raises(RelayRejected) as rejected:
-        wrong.transcribe(AUDIO, filename="a.wav", duration_s=1.0)
+        wrong.transcribe(seconds_of_samples(1.0), options=TranscribeOptions(original=EncodedAudio(AUDIO, "a.wav")))
     seen += [str(rejected.value), repr(wrong)]
 
     assert caplog.records, "DEBUG logging was captured"
@@ -224,7 +259,9 @@ def test_forward_mode_reposts_to_another_relay_with_its_own_key(relay: RelayServ
         inner.static_body = {"text": "from the inner relay", "language": "de"}
         relay.mode, relay.forward_base_url, relay.forward_key = "forward", inner.base_url, "inner-key"
 
-        result = client_for(relay).transcribe(AUDIO, filename="a.wav", duration_s=2.0, language="de")
+        result = client_for(relay).transcribe(
+            seconds_of_samples(2.0), options=TranscribeOptions(original=EncodedAudio(AUDIO, "a.wav"), language="de")
+        )
 
     assert (result.text, result.language) == ("from the inner relay", "de")
     (forwarded,) = inner.requests

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from scaiecho_site.errors import UnsupportedMedia
-from tests.speech import convert_audio, synth_speech
-from transcription.audio import SAMPLE_RATE, AudioTooLong, decode_audio, sniff_extension
+from speech.audio import SAMPLE_RATE, AudioTooLong, decode_audio, sniff_extension
+from tests.voices import convert_audio, synth_speech
 
 TEXT = "Please send the quarterly report to the finance team before Friday."
 FORMATS = ["wav", "mp3", "flac", "ogg", "m4a"]

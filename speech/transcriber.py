@@ -16,25 +16,19 @@ the short spans a stream decodes. Nothing here imports Django.
 
 from __future__ import annotations
 
-import contextlib
 import re
-import threading
 import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cache
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from transcription.backends.base import Segment, TranscriptionResult, Word
+from speech.audio import SAMPLE_RATE
+from speech.engines.base import Engine, Segment, TranscribeOptions, TranscriptionResult, Word
+from speech.vad import VAD_FRAME, Vad
 
-SAMPLE_RATE = 16_000
-VAD_FRAME = 512  # silero-vad's frame at 16 kHz: 32 ms
-_VAD_CONTEXT = 64  # samples of the previous frame silero prepends to each frame
 # Spans shorter than this are decoded without the previous text as a prompt (see ``_decode``).
 PROMPT_MIN_SECONDS = 2.0
 
@@ -59,18 +53,6 @@ _QUIET_RMS = 0.01
 _CLAUSE_END = re.compile(r"[.!?;:,]$")
 
 
-class SpeechEngine(Protocol):
-    def transcribe(
-        self,
-        samples: np.ndarray,
-        *,
-        language: str | None = ...,
-        temperature: float | None = ...,
-        word_timestamps: bool = ...,
-        initial_prompt: str | None = ...,
-    ) -> TranscriptionResult: ...
-
-
 @dataclass(frozen=True)
 class Delta:
     """One transcript update. ``start``/``end`` are seconds from the start of the stream.
@@ -84,207 +66,6 @@ class Delta:
     start: float
     end: float
     confidence: float | None = None
-
-
-# --- voice activity detection ------------------------------------------------------------------
-
-
-@cache
-def _silero_model() -> Any:
-    """The packaged silero-vad JIT model, loaded once per process (no download)."""
-    from silero_vad import load_silero_vad
-
-    model = load_silero_vad()
-    model.eval()
-    return model
-
-
-_vad_lock = threading.Lock()
-
-
-class Vad:
-    """Speech probabilities for consecutive 512-sample frames of one stream.
-
-    The silero model is shared by the process; the recurrent state and the 64-sample context that
-    silero's own wrapper keeps inside the (shared) module are kept here instead, per stream, by
-    calling its inner 16 kHz network directly.
-    """
-
-    def __init__(self) -> None:
-        self._net = _silero_model()._model
-        self.reset()
-
-    def reset(self) -> None:
-        self._state = torch.zeros(2, 1, 128)
-        self._context = torch.zeros(1, _VAD_CONTEXT)
-
-    def probability(self, frame: np.ndarray) -> float:
-        x = torch.from_numpy(np.ascontiguousarray(frame, dtype=np.float32)).reshape(1, VAD_FRAME)
-        x = torch.cat([self._context, x], dim=1)
-        with _vad_lock, torch.inference_mode():
-            out, self._state = self._net(x, self._state)
-        self._context = x[:, -_VAD_CONTEXT:]
-        return float(out.item())
-
-
-# --- a cheaper Whisper decode for short spans -------------------------------------------------
-
-
-class _TrimmedEncoder(torch.nn.Module):
-    def __init__(self, encoder: torch.nn.Module, n_frames: int) -> None:
-        super().__init__()
-        self.inner = encoder
-        self.n_frames = n_frames
-
-    def forward(self, mel: torch.Tensor) -> torch.Tensor:
-        enc = self.inner
-        x = F.gelu(enc.conv1(mel[..., : self.n_frames]))
-        x = F.gelu(enc.conv2(x)).permute(0, 2, 1)
-        x = (x + enc.positional_embedding[: x.shape[1]]).to(x.dtype)
-        for block in enc.blocks:
-            x = block(x)
-        return enc.ln_post(x)
-
-
-class _ShortModel:
-    """The Whisper model seen through an encoder that reads only the first ``n_frames``."""
-
-    def __init__(self, model: Any, n_frames: int) -> None:
-        import dataclasses
-
-        self._model = model
-        self.encoder = _TrimmedEncoder(model.encoder, n_frames)
-        self.decoder = model.decoder
-        # Whisper recognises already-encoded audio by its shape (n_audio_ctx, n_audio_state); the
-        # short window's features are n_frames / 2 long, so say so, or language detection would
-        # run the encoder a second time on the features.
-        self.dims = dataclasses.replace(model.dims, n_audio_ctx=n_frames // 2)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
-
-    def __call__(self, mel: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        return self.decoder(tokens, self.encoder(mel))
-
-    def detect_language(self, mel: torch.Tensor, tokenizer: Any = None) -> Any:
-        # The model's own method is bound to the full model; detect through this view instead.
-        from whisper.decoding import detect_language
-
-        return detect_language(self, mel, tokenizer)
-
-
-class ShortWindowWhisper:
-    """Decode a short span with a :class:`~transcription.backends.whisper.WhisperEngine`'s model,
-    encoding the span plus ``margin_s`` (at least ``min_window_s``) instead of 30 s.
-
-    Whisper was trained on 30 s windows; with less than about a second of trailing padding it
-    can loop ("qu qu qu ..."), hence the margin, the token cap proportional to the span, and the
-    compression-ratio check in :class:`StreamSession`. One decode at temperature 0, no fallback.
-    It takes the engine's own lock, because Whisper's kv-cache hooks are per model, not per call.
-    """
-
-    def __init__(self, engine: Any, *, margin_s: float = 1.5, min_window_s: float = 4.0) -> None:
-        self.engine = engine
-        self.margin_s = margin_s
-        self.min_window_s = min_window_s
-
-    def warm_up(self) -> None:
-        """Load the model and compile Whisper's word-alignment code (numba, several seconds on the
-        first call in a process), so the first live cut does not stall. Call at worker start-up."""
-        t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
-        tone = (0.1 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
-        self.transcribe(tone, language="en", word_timestamps=True)
-        from whisper.timing import dtw
-
-        dtw(torch.rand(4, 4))
-
-    def transcribe(
-        self,
-        samples: np.ndarray,
-        *,
-        language: str | None = None,
-        temperature: float | None = 0.0,
-        word_timestamps: bool = False,
-        initial_prompt: str | None = None,
-    ) -> TranscriptionResult:
-        import whisper
-        from whisper.timing import find_alignment
-        from whisper.tokenizer import get_tokenizer
-
-        samples = np.asarray(samples, dtype=np.float32).reshape(-1)
-        duration = samples.size / SAMPLE_RATE
-        model = self.engine.load().model
-        window = min(30.0, max(self.min_window_s, float(np.ceil(duration + self.margin_s))))
-        n_frames = int(window * 100)
-        padded = np.zeros(int(window * SAMPLE_RATE), dtype=np.float32)
-        padded[: min(samples.size, padded.size)] = samples[: padded.size]
-        short = _ShortModel(model, n_frames)
-        options = whisper.DecodingOptions(
-            task="transcribe",
-            language=language,
-            temperature=float(temperature or 0.0),
-            without_timestamps=True,
-            # Speech is ~3 words (~4 tokens) a second; a cap well above that stops loops early.
-            sample_len=int(12 + 8 * duration),
-            prompt=initial_prompt or None,
-            fp16=False,
-        )
-        lock = getattr(self.engine, "_lock", None) or contextlib.nullcontext()
-        with lock, torch.inference_mode():
-            if str(model.device) == "cpu":
-                torch.set_num_threads(getattr(self.engine, "cpu_threads", 1))
-            mel = whisper.log_mel_spectrogram(padded, model.dims.n_mels).to(model.device)
-            mel = mel[:, :n_frames]
-            decoded = whisper.decode(short, mel, options)
-            words = None
-            if word_timestamps and decoded.text.strip():
-                tokenizer = get_tokenizer(
-                    model.is_multilingual, num_languages=model.num_languages, language=language, task="transcribe"
-                )
-                text_tokens = [t for t in decoded.tokens if t < tokenizer.eot]
-                timings = find_alignment(short, tokenizer, text_tokens, mel, samples.size // 160)
-                words = _merge_words(
-                    [(t.word, float(t.start), float(t.end), float(t.probability)) for t in timings], duration
-                )
-        text = decoded.text.strip()
-        segments = (
-            [
-                Segment(
-                    start=0.0,
-                    end=round(duration, 3),
-                    text=text,
-                    words=words,
-                    avg_logprob=float(decoded.avg_logprob),
-                    no_speech_prob=float(decoded.no_speech_prob),
-                )
-            ]
-            if text
-            else []
-        )
-        return TranscriptionResult(text=text, language=language, duration_s=duration, segments=segments)
-
-
-def _merge_words(raw: list[tuple[str, float, float, float]], duration: float) -> list[Word]:
-    """Whisper's alignment splits punctuation into its own "words"; glue it to its neighbour."""
-    words: list[Word] = []
-    for text, start, end, prob in raw:
-        stripped = text.strip()
-        if not stripped:
-            continue
-        if words and (not text.startswith(" ") or not any(c.isalnum() for c in stripped)):
-            last = words[-1]
-            words[-1] = Word(start=last.start, end=max(last.end, end), word=last.word + stripped, probability=last.probability)
-            continue
-        words.append(Word(start=min(start, duration), end=min(end, duration), word=stripped, probability=prob))
-    return words
-
-
-def default_decoder(engine: Any) -> SpeechEngine:
-    """The short-window decoder for an in-process Whisper engine; any other engine as it is."""
-    loader = getattr(engine, "load", None)
-    if callable(loader) and hasattr(engine, "cpu_threads"):
-        return ShortWindowWhisper(engine)
-    return engine
 
 
 # --- the session ---------------------------------------------------------------------------------
@@ -352,12 +133,12 @@ class StreamSession:
         max_lag: float = 1.0,
         no_speech_threshold: float = 0.6,
         logprob_threshold: float = -1.0,
-        decoder: SpeechEngine | None = None,
+        decoder: Engine | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         if not 0.5 <= chunk_seconds <= 30:
             raise ValueError("chunk_seconds must be between 0.5 and 30")
-        self.decoder = decoder or default_decoder(engine)
+        self.decoder = decoder or engine.stream_decoder()
         self.chunk_seconds = chunk_seconds
         self.silence_seconds = silence_seconds
         self.partial_interval = partial_interval
@@ -479,14 +260,14 @@ class StreamSession:
 
     def _decode(self, audio: np.ndarray, *, word_timestamps: bool) -> _Hypothesis:
         started = self._clock()
+        # On a short span Whisper tends to echo the prompt (the previous utterance) as if it were
+        # heard again; the prompt helps only once there is audio enough to outweigh it.
+        prompt = (self._context[-200:] or None) if audio.size >= PROMPT_MIN_SECONDS * SAMPLE_RATE else None
         result = self.decoder.transcribe(
             audio,
-            language=self.language,
-            temperature=0.0,
-            word_timestamps=word_timestamps,
-            # On a short span Whisper tends to echo the prompt (the previous utterance) as if it
-            # were heard again; the prompt helps only once there is audio enough to outweigh it.
-            initial_prompt=(self._context[-200:] or None) if audio.size >= PROMPT_MIN_SECONDS * SAMPLE_RATE else None,
+            options=TranscribeOptions(
+                language=self.language, temperature=0.0, word_timestamps=word_timestamps, prompt=prompt
+            ),
         )
         spent = self._clock() - started
         self.stats.count += 1

@@ -13,16 +13,17 @@ import numpy as np
 import pytest
 
 from scaiecho_site.errors import ValidationError
-from tests.speech import synth_speech, word_error_rate
-from transcription.audio import SAMPLE_RATE, decode_audio
-from transcription.backends.weights import (
+from speech.audio import SAMPLE_RATE, decode_audio
+from speech.engines.base import TranscribeOptions
+from speech.engines.weights import (
     PACKAGED,
     WeightsUnavailable,
     _find_parts,
     convert_ctranslate2,
     load_whisper_model,
 )
-from transcription.backends.whisper import WhisperEngine
+from speech.engines.whisper import WhisperEngine
+from tests.voices import synth_speech, word_error_rate
 
 pytestmark = pytest.mark.slow
 
@@ -34,9 +35,7 @@ TWO_SENTENCES = (
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> WhisperEngine:
-    engine = WhisperEngine(
-        model_name="base", device="cpu", cpu_threads=1, cache_dir=str(tmp_path_factory.mktemp("w"))
-    )
+    engine = WhisperEngine(model_name="base", device="cpu", cpu_threads=1, cache_dir=str(tmp_path_factory.mktemp("w")))
     engine.load()
     return engine
 
@@ -47,9 +46,7 @@ def two_sentences() -> np.ndarray:
 
 
 @pytest.mark.parametrize(("name", "width"), [("tiny.en", 384), ("base", 512)])
-def test_packaged_weights_convert_once_then_load_from_cache(
-    name: str, width: int, tmp_path: Path
-) -> None:
+def test_packaged_weights_convert_once_then_load_from_cache(name: str, width: int, tmp_path: Path) -> None:
     first = load_whisper_model(name=name, cache_dir=tmp_path)  # load_state_dict(strict=True)
     assert first.source == "converted"
     assert first.model.dims.n_audio_state == width
@@ -63,9 +60,7 @@ def test_packaged_weights_convert_once_then_load_from_cache(
     assert second.checkpoint_path.stat().st_mtime_ns == written
     assert second.model.dims == first.model.dims
     token_embedding = "decoder.token_embedding.weight"
-    assert second.model.state_dict()[token_embedding].equal(
-        first.model.state_dict()[token_embedding]
-    )
+    assert second.model.state_dict()[token_embedding].equal(first.model.state_dict()[token_embedding])
 
 
 def test_a_damaged_cache_is_rebuilt(tmp_path: Path) -> None:
@@ -92,10 +87,8 @@ def test_a_model_that_is_neither_packaged_nor_downloadable_is_a_clear_error(
         load_whisper_model(name="no-such-model", cache_dir=tmp_path)
 
 
-def test_english_speech_is_transcribed_accurately(
-    engine: WhisperEngine, two_sentences: np.ndarray
-) -> None:
-    result = engine.transcribe(two_sentences)
+def test_english_speech_is_transcribed_accurately(engine: WhisperEngine, two_sentences: np.ndarray) -> None:
+    result = engine.transcribe(two_sentences, options=TranscribeOptions())
 
     assert word_error_rate(TWO_SENTENCES, result.text) <= 0.15, result.text
     assert result.language == "en"  # detected, none was given
@@ -109,12 +102,10 @@ def test_word_timestamps_follow_the_speech(engine: WhisperEngine) -> None:
     speech = decode_audio(synth_speech("Turn left at the next traffic light.")).samples
     samples = np.concatenate([np.zeros(int(lead_in_s * SAMPLE_RATE), np.float32), speech])
 
-    result = engine.transcribe(samples, language="en", word_timestamps=True)
+    result = engine.transcribe(samples, options=TranscribeOptions(language="en", word_timestamps=True))
 
     words = [word for segment in result.segments for word in segment.words]
-    assert [
-        w.word.strip(".,").lower() for w in words
-    ] == "turn left at the next traffic light".split()
+    assert [w.word.strip(".,").lower() for w in words] == "turn left at the next traffic light".split()
     assert words[0].start >= lead_in_s - 0.5  # not placed in the silence before the speech
     starts = [w.start for w in words]
     assert starts == sorted(starts)
@@ -134,7 +125,7 @@ def test_word_timestamps_follow_the_speech(engine: WhisperEngine) -> None:
     ],
 )
 def test_silence_gives_an_empty_transcript(engine: WhisperEngine, samples: np.ndarray) -> None:
-    result = engine.transcribe(samples)
+    result = engine.transcribe(samples, options=TranscribeOptions())
 
     assert result.text == ""
     assert all(not segment.text for segment in result.segments)
@@ -146,7 +137,7 @@ def test_one_engine_serves_concurrent_callers(engine: WhisperEngine) -> None:
     results: list[str] = []
 
     def work() -> None:
-        results.append(engine.transcribe(samples, language="en", temperature=0.0).text)
+        results.append(engine.transcribe(samples, options=TranscribeOptions(language="en", temperature=0.0)).text)
 
     threads = [threading.Thread(target=work) for _ in range(2)]
     for thread in threads:
@@ -161,21 +152,21 @@ def test_one_engine_serves_concurrent_callers(engine: WhisperEngine) -> None:
 @pytest.mark.parametrize("language", ["klingon", "xx"])
 def test_an_unknown_language_is_a_validation_error(engine: WhisperEngine, language: str) -> None:
     with pytest.raises(ValidationError):
-        engine.transcribe(np.zeros(SAMPLE_RATE, np.float32), language=language)
+        engine.transcribe(np.zeros(SAMPLE_RATE, np.float32), options=TranscribeOptions(language=language))
 
 
 def test_an_english_only_model_refuses_another_language(tmp_path: Path) -> None:
     english_only = WhisperEngine(model_name="tiny.en", cache_dir=str(tmp_path))
 
     with pytest.raises(ValidationError, match="English only"):
-        english_only.transcribe(np.zeros(SAMPLE_RATE, np.float32), language="de")
+        english_only.transcribe(np.zeros(SAMPLE_RATE, np.float32), options=TranscribeOptions(language="de"))
 
 
 def test_tiny_en_transcribes_english(tmp_path: Path) -> None:
     engine = WhisperEngine(model_name="tiny.en", device="cpu", cache_dir=str(tmp_path))
     text = "Please close the window before you leave."
 
-    result = engine.transcribe(decode_audio(synth_speech(text)).samples)
+    result = engine.transcribe(decode_audio(synth_speech(text)).samples, options=TranscribeOptions())
 
     assert word_error_rate(text, result.text) <= 0.25, result.text
     assert result.language == "en"

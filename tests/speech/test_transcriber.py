@@ -12,9 +12,10 @@ import av
 import numpy as np
 import pytest
 
-from streaming.transcriber import SAMPLE_RATE, Delta, ShortWindowWhisper, StreamSession
-from tests.speech import synth_speech, word_error_rate
-from transcription.backends.whisper import WhisperEngine
+from speech.audio import SAMPLE_RATE
+from speech.engines.whisper import ShortWindowWhisper, WhisperEngine
+from speech.transcriber import Delta, StreamSession
+from tests.voices import synth_speech, word_error_rate
 
 pytestmark = pytest.mark.slow
 

@@ -1,7 +1,7 @@
 """Streaming decoders: audio arriving in arbitrary pieces comes out as soon as it can, and right.
 
 The reference for every format is a decode of the same bytes in one piece (the batch decoder
-``transcription.audio.decode_audio`` where it accepts the container, PyAV directly for WebM).
+``speech.audio.decode_audio`` where it accepts the container, PyAV directly for WebM).
 Each stream is fed in random piece sizes, 1 byte to 8 KB, so headers, pages, blocks and frames are
 cut at every kind of place.
 """
@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from scaiecho_site.errors import UnsupportedMedia, ValidationError
-from streaming.decoders import MAX_PENDING_BYTES, StreamDecoder, make_decoder
-from tests.speech import convert_audio, synth_speech
-from transcription.audio import decode_audio
+from speech.audio import decode_audio
+from speech.decoders import MAX_PENDING_BYTES, StreamDecoder, make_decoder
+from tests.voices import convert_audio, synth_speech
 
 RATE = 16_000
 TEXT = "The quick brown fox jumps over the lazy dog, and the caption follows every word."

@@ -13,8 +13,8 @@ simple enough to split in a few dozen lines each, so this module cuts the byte s
 packets itself and hands only whole packets to PyAV's decoders (``av.CodecContext``), which keep
 their own state across packets. There are no threads and no blocking reads.
 
-The conventions are those of :mod:`transcription.audio` (the batch decoder): float32 in [-1, 1],
-mono, 16 kHz, every input failure reported as :class:`scaiecho_site.errors.UnsupportedMedia`.
+The conventions are those of :mod:`speech.audio` (the batch decoder): float32 in [-1, 1],
+mono, 16 kHz, every input failure reported as :class:`speech.errors.UnsupportedMedia`.
 Channels are averaged (an equal-weight mean keeps a dual-mono microphone at its own level, where
 FFmpeg's default stereo-to-mono matrix adds 3 dB and can clip). Nothing here imports Django.
 """
@@ -29,9 +29,8 @@ from fractions import Fraction
 import av
 import numpy as np
 
-from scaiecho_site.errors import UnsupportedMedia, ValidationError
-
-SAMPLE_RATE = 16_000
+from speech.audio import SAMPLE_RATE, pcm_to_float
+from speech.errors import UnsupportedMedia, ValidationError
 
 # Undecoded input held at any moment stays below this. A WebSocket frame may be 1 MiB, so a frame is
 # consumed as it is parsed rather than appended whole; only a part of one element/page/packet waits.
@@ -291,29 +290,6 @@ def _check_prefix(buffer: bytes | bytearray | memoryview, magic: bytes, message:
 # Raw PCM and WAV.
 
 
-def _pcm_to_float(raw: bytes | bytearray | memoryview, *, sample_format: str, channels: int) -> np.ndarray:
-    """Interleaved PCM bytes (a whole number of sample frames) as mono float32."""
-    if sample_format == "u8":
-        values = (np.frombuffer(raw, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
-    elif sample_format == "s16":
-        values = np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32768.0
-    elif sample_format == "s24":
-        triplets = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3).astype(np.int32)
-        packed = triplets[:, 0] | (triplets[:, 1] << 8) | (triplets[:, 2] << 16)
-        values = ((packed << 8) >> 8).astype(np.float32) / 8388608.0  # sign-extend 24 -> 32 bits
-    elif sample_format == "s32":
-        values = (np.frombuffer(raw, dtype="<i4").astype(np.float64) / 2147483648.0).astype(np.float32)
-    elif sample_format == "f32":
-        values = np.frombuffer(raw, dtype="<f4").astype(np.float32)
-    elif sample_format == "f64":
-        values = np.frombuffer(raw, dtype="<f8").astype(np.float32)
-    else:  # pragma: no cover - formats are chosen from a fixed table
-        raise AssertionError(sample_format)
-    if channels > 1:
-        values = values.reshape(-1, channels).mean(axis=1, dtype=np.float32)
-    return np.nan_to_num(values, nan=0.0, posinf=1.0, neginf=-1.0)
-
-
 class PcmDecoder(StreamDecoder):
     """Raw little-endian s16 (``audio/pcm``, ``audio/L16``): only a split sample is ever held back.
 
@@ -335,7 +311,7 @@ class PcmDecoder(StreamDecoder):
         whole = len(raw) - len(raw) % self._block
         self._carry = bytes(raw[whole:])
         if whole:
-            samples = _pcm_to_float(raw[:whole], sample_format="s16", channels=self.channels)
+            samples = pcm_to_float(raw[:whole], sample_format="s16", channels=self.channels)
             self._resampler.push(samples, self.sample_rate)
 
 
@@ -480,7 +456,7 @@ class WavDecoder(_BufferedDecoder):
         usable = len(buf) if self._data_left is None else min(len(buf), self._data_left)
         whole = usable - usable % self._block
         if whole:
-            samples = _pcm_to_float(buf[:whole], sample_format=self._sample_format, channels=self._channels)
+            samples = pcm_to_float(buf[:whole], sample_format=self._sample_format, channels=self._channels)
             del buf[:whole]
             self._resampler.push(samples, self._rate)
         if self._data_left is not None:

@@ -19,9 +19,11 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
+import numpy as np
 
-from scaiecho_site.errors import BackendError, BackendRateLimited, BackendTimeout, UpstreamShapeMismatch
-from transcription.backends.base import Segment, TranscriptionResult, Word, language_code
+from speech.audio import SAMPLE_RATE, wav_bytes
+from speech.engines.base import Engine, Segment, TranscribeOptions, TranscriptionResult, Word, language_code
+from speech.errors import BackendError, BackendRateLimited, BackendTimeout, UpstreamShapeMismatch
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +37,13 @@ class RelayRejected(BackendError):
     transient = False
 
 
-class RelayClient:
+class RelayClient(Engine):
     """One configured relay. Holds no connection between calls, so it is safe to share."""
 
+    name = "relay"
+
     def __init__(self, *, base_url: str, api_key: str, model: str, timeout_s: float) -> None:
+        super().__init__()
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.timeout_s = timeout_s
@@ -51,23 +56,22 @@ class RelayClient:
     def endpoint(self) -> str:
         return f"{self.base_url}/audio/transcriptions"
 
-    def transcribe(
-        self,
-        audio: bytes,
-        *,
-        filename: str,
-        duration_s: float,
-        language: str | None = None,
-        temperature: float | None = None,
-        word_timestamps: bool = False,
-        prompt: str | None = None,
-    ) -> TranscriptionResult:
-        """Send ``audio`` (the original upload's bytes) to the relay and read its ``verbose_json``.
+    def transcribe(self, samples: np.ndarray, *, options: TranscribeOptions) -> TranscriptionResult:
+        """Send the audio to the relay and read its ``verbose_json``.
 
-        ``duration_s`` is our own measurement of the audio; it is what the result reports (metering
-        must not depend on the upstream's arithmetic) and the span of the single segment made for
-        a relay that answers with text only. ``language`` is a code or an English name.
+        The upload as the client sent it (``options.original``) is forwarded when there is one;
+        otherwise ``samples`` go as 16-bit WAV. The duration is our own measurement of ``samples``;
+        it is what the result reports (metering must not depend on the upstream's arithmetic) and
+        the span of the single segment made for a relay that answers with text only.
         """
+        duration_s = np.asarray(samples).size / SAMPLE_RATE
+        if options.original is not None:
+            audio, filename = options.original.data, options.original.filename
+        else:
+            audio, filename = wav_bytes(samples), "audio.wav"
+        language, temperature, prompt = options.language, options.temperature, options.prompt
+        word_timestamps = options.word_timestamps
+        # A relay has no beam setting of its own in OpenAI's protocol: beam_size is not sent.
         data: dict[str, Any] = {
             "model": self.model,
             "response_format": "verbose_json",

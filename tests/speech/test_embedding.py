@@ -9,7 +9,8 @@ import pytest
 import torch
 from django.conf import settings
 
-from speakers.embedding import (
+from speech.audio import decode_audio
+from speech.embedding import (
     ECAPA_SHA256,
     EMBEDDING_DIM,
     SpeakerEncoder,
@@ -17,8 +18,7 @@ from speakers.embedding import (
     cosine_similarity,
     model_dir,
 )
-from tests.speech import real_speech, synth_speech
-from transcription.audio import decode_audio
+from tests.voices import real_speech, synth_speech
 
 pytestmark = pytest.mark.slow
 
@@ -65,11 +65,10 @@ def test_an_altered_checkpoint_is_refused(tmp_path: Path) -> None:
         SpeakerEncoder(folder=folder).load()
 
 
-def test_a_missing_checkpoint_is_refused(tmp_path: Path, settings) -> None:
-    settings.SCAIECHO_SPEAKER_MODEL_DIR = str(tmp_path)
-    assert model_dir() == tmp_path
+def test_a_missing_checkpoint_is_refused(tmp_path: Path) -> None:
+    assert model_dir(str(tmp_path)) == tmp_path
     with pytest.raises(SpeakerModelError, match="missing"):
-        SpeakerEncoder().load()
+        SpeakerEncoder(folder=tmp_path).load()
 
 
 def test_embeddings_equal_speechbrains_own_pipeline(encoder: SpeakerEncoder, tmp_path: Path, real) -> None:

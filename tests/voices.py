@@ -133,7 +133,7 @@ REAL_SPEAKERS: dict[str, list[list[str]]] = {
 
 
 def _real_file(name: str) -> np.ndarray:
-    from transcription.audio import decode_audio
+    from speech.audio import decode_audio
 
     path = (ALSA_SOUNDS if name[0].isupper() else POCKETSPHINX_DATA) / name
     if not path.is_file():

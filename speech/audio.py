@@ -6,20 +6,22 @@ upload is slower. The container is recognised by content, never by the client's 
 Content-Type, and only the containers listed in :data:`SUPPORTED_CONTAINERS` are accepted, so that
 FFmpeg's long tail of demuxers (images, playlists, subtitles...) is not reachable from an upload.
 
-Every failure is reported as :class:`scaiecho_site.errors.UnsupportedMedia` (HTTP 415): a caller
+Every failure is reported as :class:`speech.errors.UnsupportedMedia` (HTTP 415): a caller
 never has to know which of FFmpeg's many errors an odd file provokes. Nothing here imports Django.
 """
 
 from __future__ import annotations
 
 import io
+import wave
 from dataclasses import dataclass
 
 import av
 import numpy as np
 
-from scaiecho_site.errors import UnsupportedMedia, ValidationError
+from speech.errors import AudioTooLong, UnsupportedMedia
 
+# The one sample rate of the service: every decoder, model and stream works on 16 kHz mono float32.
 SAMPLE_RATE = 16_000
 
 # FFmpeg demuxer name -> the extension this service reports and stages files under.
@@ -33,10 +35,6 @@ SUPPORTED_CONTAINERS: dict[str, str] = {
 }
 
 _SUPPORTED_LIST = "wav, mp3, flac, ogg, m4a"
-
-
-class AudioTooLong(ValidationError):
-    """The audio is longer than the configured maximum duration (422)."""
 
 
 @dataclass(frozen=True)
@@ -139,3 +137,42 @@ def _decode_first_audio_stream(
     # Float sources can exceed full scale; the contract (and Whisper's training data) is [-1, 1].
     np.clip(samples, -1.0, 1.0, out=samples)
     return samples
+
+
+def pcm_to_float(raw: bytes | bytearray | memoryview, *, sample_format: str = "s16", channels: int = 1) -> np.ndarray:
+    """Interleaved PCM bytes (a whole number of sample frames) as mono float32."""
+    if sample_format == "u8":
+        values = (np.frombuffer(raw, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
+    elif sample_format == "s16":
+        values = np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32768.0
+    elif sample_format == "s24":
+        triplets = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3).astype(np.int32)
+        packed = triplets[:, 0] | (triplets[:, 1] << 8) | (triplets[:, 2] << 16)
+        values = ((packed << 8) >> 8).astype(np.float32) / 8388608.0  # sign-extend 24 -> 32 bits
+    elif sample_format == "s32":
+        values = (np.frombuffer(raw, dtype="<i4").astype(np.float64) / 2147483648.0).astype(np.float32)
+    elif sample_format == "f32":
+        values = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    elif sample_format == "f64":
+        values = np.frombuffer(raw, dtype="<f8").astype(np.float32)
+    else:  # pragma: no cover - formats are chosen from a fixed table
+        raise AssertionError(sample_format)
+    if channels > 1:
+        values = values.reshape(-1, channels).mean(axis=1, dtype=np.float32)
+    return np.nan_to_num(values, nan=0.0, posinf=1.0, neginf=-1.0)
+
+
+def float_to_pcm(samples: np.ndarray) -> bytes:
+    """Float samples in [-1, 1] as 16-bit little-endian PCM (what the stream worker is sent)."""
+    return (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2").tobytes()
+
+
+def wav_bytes(samples: np.ndarray, *, rate: int = SAMPLE_RATE) -> bytes:
+    """16-bit mono WAV of float samples, the format any transcription service accepts."""
+    out = io.BytesIO()
+    with wave.open(out, "wb") as writer:
+        writer.setnchannels(1)
+        writer.setsampwidth(2)
+        writer.setframerate(rate)
+        writer.writeframes(float_to_pcm(samples))
+    return out.getvalue()

@@ -1,0 +1,148 @@
+"""The one engine interface, what every engine returns, and the language names they share.
+
+Every speech engine — openai-whisper on torch, CTranslate2 through faster-whisper, the
+OpenAI-compatible relay — is an :class:`Engine`: ``transcribe(samples, *, options)`` takes 16 kHz
+mono float32 samples and :class:`TranscribeOptions` and returns a :class:`TranscriptionResult` with
+segments and (on request) word timings. The batch task, consent verification and the stream worker
+call it the same way and never need to know which engine answered. Nothing here imports Django.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from typing import ClassVar
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Word:
+    start: float
+    end: float
+    word: str
+    # Whisper reports a probability per word; an OpenAI-shaped relay does not, so ``None`` there
+    # rather than an invented number.
+    probability: float | None = None
+
+
+@dataclass(frozen=True)
+class Segment:
+    start: float
+    end: float
+    text: str
+    words: list[Word] | None = None
+    # Filled in by diarization; ``None`` when no speaker was attributed.
+    speaker_id: str | None = None
+    speaker_label: str | None = None
+    # Whisper's decoder confidence for this segment (mean token log probability, and the
+    # probability of its "no speech" token); ``None`` from backends that do not report them.
+    avg_logprob: float | None = None
+    no_speech_prob: float | None = None
+
+
+@dataclass(frozen=True)
+class TranscriptionResult:
+    text: str
+    # ISO 639-1 code ("en"), or ``None`` when neither detected nor requested.
+    language: str | None
+    duration_s: float
+    segments: list[Segment]
+
+
+@dataclass(frozen=True)
+class EncodedAudio:
+    """The audio as the client sent it, for an engine that forwards files (the relay)."""
+
+    data: bytes
+    filename: str
+
+
+@dataclass(frozen=True)
+class TranscribeOptions:
+    """How to decode. The same options mean the same thing to every engine."""
+
+    # A code or an English name ("en", "german"); ``None`` lets a multilingual model detect it.
+    language: str | None = None
+    # ``None``: the engine's temperature fallback schedule; a number decodes at that one only.
+    temperature: float | None = None
+    word_timestamps: bool = False
+    # Text that conditions the decoder (names, spelling); ``None`` for none.
+    prompt: str | None = None
+    # Beam search width; ``None`` (or 1) decodes greedily.
+    beam_size: int | None = None
+    # The upload as sent, when there is one: the relay forwards it rather than re-encoding samples.
+    original: EncodedAudio | None = None
+
+
+class Engine(ABC):
+    """A speech engine: one per process, shared by its threads.
+
+    ``lock`` serialises the engine's own calls (a model keeps per-call state, and two decodes on one
+    small CPU only halve each other's speed); a caller that drives the model itself, such as a
+    stream decoder, holds it too.
+    """
+
+    name: ClassVar[str]
+    device: str = "cpu"
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+
+    def load(self) -> None:  # noqa: B027 - engines without weights (the relay) need no loading
+        """Load the weights now, so that a missing model fails at start-up and not at a first job."""
+
+    @abstractmethod
+    def transcribe(self, samples: np.ndarray, *, options: TranscribeOptions) -> TranscriptionResult:
+        """Transcribe 16 kHz mono float32 ``samples`` (as made by :mod:`speech.audio`)."""
+
+    def transcribe_batch(
+        self, windows: Sequence[np.ndarray], *, options: TranscribeOptions
+    ) -> list[TranscriptionResult]:
+        """Transcribe several independent windows. Engines that can batch on the device override
+        this; the results are the same words as one call per window."""
+        return [self.transcribe(window, options=options) for window in windows]
+
+    def stream_decoder(self) -> Engine:
+        """The engine a live stream decodes its short spans with (this one, unless the engine has
+        a cheaper path for short audio)."""
+        return self
+
+    def warm_up(self) -> None:
+        """Load and run once, so that the first live decode pays no compile or allocation cost."""
+        self.load()
+
+
+@cache
+def _whisper_languages() -> tuple[dict[str, str], dict[str, str]]:
+    # Imported on first use: importing ``whisper`` pulls in torch, which a relay-only process or a
+    # formats-only test should not pay for at import time.
+    from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
+
+    return LANGUAGES, TO_LANGUAGE_CODE
+
+
+def language_code(value: str | None) -> str | None:
+    """Map a language code or English name ("en", "english", "castilian") to its ISO code.
+
+    Returns ``None`` for ``None``, an empty string, or a name Whisper does not know, so that an
+    upstream's odd label never reaches a client as if it were a code.
+    """
+    if not value:
+        return None
+    key = value.strip().lower()
+    codes, names = _whisper_languages()
+    if key in codes:
+        return key
+    return names.get(key)
+
+
+def language_name(code: str | None) -> str | None:
+    """The lowercase English name OpenAI's ``verbose_json`` uses ("en" → "english")."""
+    if not code:
+        return None
+    codes, _ = _whisper_languages()
+    return codes.get(code.strip().lower())
