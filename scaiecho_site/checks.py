@@ -59,6 +59,40 @@ def production_settings_check(app_configs: Any = None, **kwargs: Any) -> list[ch
     return errors
 
 
+WHISPER_ENGINES = ("ctranslate2", "openai-whisper")
+CTRANSLATE2_COMPUTE_TYPES = ("", "default", "auto", "int8", "int8_float16", "int8_float32", "int8_bfloat16", "int16", "float16", "bfloat16", "float32")
+
+
+@checks.register(PRODUCTION_TAG)
+def speech_engine_check(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """The engine settings are checked in any mode: a typo would otherwise fail at the first job."""
+    errors: list[checks.CheckMessage] = []
+    if settings.SCAIECHO_WHISPER_ENGINE not in WHISPER_ENGINES:
+        errors.append(
+            checks.Error(
+                f"SCAIECHO_WHISPER_ENGINE is {settings.SCAIECHO_WHISPER_ENGINE!r}.",
+                hint=f"Use one of: {', '.join(WHISPER_ENGINES)}.",
+                id="scaiecho.E006",
+            )
+        )
+    if settings.SCAIECHO_WHISPER_COMPUTE_TYPE not in CTRANSLATE2_COMPUTE_TYPES:
+        errors.append(
+            checks.Error(
+                f"SCAIECHO_WHISPER_COMPUTE_TYPE is {settings.SCAIECHO_WHISPER_COMPUTE_TYPE!r}.",
+                hint=f"Leave it empty (int8 on the CPU, float16 on CUDA) or use one of: {', '.join(CTRANSLATE2_COMPUTE_TYPES[1:])}.",
+                id="scaiecho.E006",
+            )
+        )
+    if settings.SCAIECHO_WHISPER_BATCH_SIZE < 1 or settings.SCAIECHO_GPU_MAX_BATCH < 1:
+        errors.append(
+            checks.Error(
+                "SCAIECHO_WHISPER_BATCH_SIZE and SCAIECHO_GPU_MAX_BATCH must be at least 1.",
+                id="scaiecho.E006",
+            )
+        )
+    return errors
+
+
 def enforce_startup_checks() -> None:
     """Raise ``SystemCheckError`` when any start-up check fails (used by non-manage.py entries)."""
     from django.core.management.base import SystemCheckError

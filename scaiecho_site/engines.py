@@ -11,25 +11,65 @@ from __future__ import annotations
 import threading
 
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 
+from speech.batching import BatchingEngine
 from speech.embedding import SpeakerEncoder
 from speech.engines.base import Engine
 from speech.engines.relay import RelayClient
-from speech.engines.whisper import WhisperEngine
 
 _lock = threading.Lock()
 _engine: Engine | None = None
 _encoder: SpeakerEncoder | None = None
 
 
+ENGINES = ("ctranslate2", "openai-whisper")
+
+
 def build_engine() -> Engine:
-    """A new Backend A engine as the settings describe it (not loaded yet)."""
-    return WhisperEngine(
-        model_name=settings.SCAIECHO_WHISPER_MODEL,
-        device=settings.SCAIECHO_WHISPER_DEVICE or None,
-        cpu_threads=settings.SCAIECHO_WHISPER_CPU_THREADS,
-        cache_dir=settings.SCAIECHO_WHISPER_CACHE_DIR,
-    )
+    """A new Backend A engine as the settings describe it (not loaded yet).
+
+    ``SCAIECHO_WHISPER_ENGINE`` picks the implementation. On CUDA the engine is wrapped in a
+    :class:`~speech.batching.BatchingEngine`, so that concurrent callers in this worker (several
+    jobs' windows, several stream sessions' spans) share one batched pass on the device; on a CPU a
+    batch costs about the sum of its windows, so callers use the engine directly.
+    """
+    choice = settings.SCAIECHO_WHISPER_ENGINE
+    device = settings.SCAIECHO_WHISPER_DEVICE or None
+    engine: Engine
+    # Each implementation is imported only when chosen: a CTranslate2 worker need not import
+    # openai-whisper's model code, nor an openai-whisper worker faster-whisper.
+    if choice == "ctranslate2":
+        from speech.engines.ctranslate2 import CTranslate2Engine
+
+        engine = CTranslate2Engine(
+            model_name=settings.SCAIECHO_WHISPER_MODEL,
+            device=device,
+            compute_type=settings.SCAIECHO_WHISPER_COMPUTE_TYPE or None,
+            cpu_threads=settings.SCAIECHO_WHISPER_CPU_THREADS,
+            cache_dir=settings.SCAIECHO_WHISPER_CACHE_DIR,
+            batch_size=settings.SCAIECHO_WHISPER_BATCH_SIZE,
+        )
+    elif choice == "openai-whisper":
+        from speech.engines.whisper import WhisperEngine
+
+        engine = WhisperEngine(
+            model_name=settings.SCAIECHO_WHISPER_MODEL,
+            device=device,
+            cpu_threads=settings.SCAIECHO_WHISPER_CPU_THREADS,
+            cache_dir=settings.SCAIECHO_WHISPER_CACHE_DIR,
+        )
+    else:
+        raise ImproperlyConfigured(
+            f"SCAIECHO_WHISPER_ENGINE={choice!r} is not an engine; use one of: {', '.join(ENGINES)}."
+        )
+    if engine.device.startswith("cuda"):
+        return BatchingEngine(
+            engine,
+            max_batch=settings.SCAIECHO_GPU_MAX_BATCH,
+            max_wait_s=settings.SCAIECHO_GPU_BATCH_WAIT_MS / 1000,
+        )
+    return engine
 
 
 def whisper_engine() -> Engine:

