@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from speech.engines.base import Engine, TranscribeOptions, TranscriptionResult
+from speech.engines.base import Engine, TranscribeOptions, TranscriptionResult, WindowPlan
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,15 @@ class BatchingEngine(Engine):
         return BatchingEngine(inner_decoder, max_batch=self.max_batch, max_wait_s=self.max_wait_s)
 
     def transcribe(self, samples: np.ndarray, *, options: TranscribeOptions) -> TranscriptionResult:
-        return self.transcribe_batch([samples], options=options)[0]
+        """A whole recording: its windows join the queue beside other callers' windows (several
+        jobs decode in one pass), then the inner engine's plan joins them on its time line."""
+        plan = self.inner.plan_windows(samples, options=options)
+        if plan is None:
+            return self.transcribe_batch([samples], options=options)[0]
+        return plan.join(self.transcribe_batch(plan.windows, options=plan.options) if plan.windows else [])
+
+    def plan_windows(self, samples: np.ndarray, *, options: TranscribeOptions) -> WindowPlan | None:
+        return self.inner.plan_windows(samples, options=options)
 
     def transcribe_batch(
         self, windows: Sequence[np.ndarray], *, options: TranscribeOptions

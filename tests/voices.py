@@ -149,3 +149,19 @@ def real_speech() -> dict[str, list[np.ndarray]]:
         speaker: [np.concatenate([_real_file(name) for name in files]) for files in segments]
         for speaker, segments in REAL_SPEAKERS.items()
     }
+
+
+def librivox_clips(numbers: tuple[str, ...] = ("0870", "0890", "0920", "0930")) -> list[tuple[np.ndarray, str]]:
+    """LibriVox clips of ``pocketsphinx-testdata`` (one real reader) with their transcripts."""
+    from speech.audio import decode_audio
+
+    folder = POCKETSPHINX_DATA / "librivox"
+    transcripts = {}
+    for line in (folder / "transcription").read_text().splitlines():
+        text, _, name = line.rpartition("(")
+        transcripts[name.strip(" )")] = text.replace("<s>", "").replace("</s>", "").strip()
+    clips = []
+    for number in numbers:
+        name = f"sense_and_sensibility_01_austen_64kb-{number}"
+        clips.append((decode_audio((folder / f"{name}.wav").read_bytes()).samples, transcripts[name]))
+    return clips

@@ -97,3 +97,41 @@ class TranscriptionJob(models.Model):
     @property
     def is_terminal(self) -> bool:
         return self.status in self.TERMINAL
+
+
+class TranscriptionPiece(models.Model):
+    """One slice of a long job, transcribed by its own task on whichever worker is free.
+
+    A job longer than ``SCAIECHO_LONG_AUDIO_SPLIT_SECONDS`` is cut at pauses into pieces; each
+    piece stores its result here (timestamps already shifted to the whole file's clock) and the
+    piece that finds all of them done joins them into the job row, which stays the one result.
+    The sample range is in the job's decoded audio (16 kHz mono), so a piece re-reads the staged
+    upload rather than a copy of its slice.
+    """
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        COMPLETED = "completed"
+
+    job = models.ForeignKey(TranscriptionJob, on_delete=models.CASCADE, related_name="pieces")
+    index = models.PositiveIntegerField()
+    start_sample = models.BigIntegerField()
+    end_sample = models.BigIntegerField()
+    # The backend resolved once, when the job was split: every piece of a job uses the same one.
+    backend = models.CharField(max_length=1)
+
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED)
+    # {"text": ..., "language": ..., "segments": [...]}, segments and words on the job's clock.
+    result = models.JSONField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    worker_id = models.CharField(max_length=200, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["job", "index"]
+        constraints = [models.UniqueConstraint(fields=["job", "index"], name="piece_job_index_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.job_id}#{self.index} ({self.status})"

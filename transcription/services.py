@@ -2,7 +2,9 @@
 
 Permission checks happen in the API views before these are called. ``job_create`` owns the
 transaction that inserts a job and enqueues its task after commit; ``job_run`` is what the Celery
-task does on a worker, and it is the only place where a speech backend is called.
+task does on a worker. A long job is split there into pieces that ``piece_run`` transcribes on any
+free worker; the last piece to finish joins them. ``_transcribe`` is the only place where a speech
+backend is called, and ``_job_complete`` the only place a job is completed and metered.
 """
 
 from __future__ import annotations
@@ -19,16 +21,17 @@ from django.db import transaction
 from django.utils import timezone
 
 from scaiecho_site import errors
-from speech.audio import decode_audio
+from speech import splitting as pieces
+from speech.audio import SAMPLE_RATE, decode_audio
 from speech.engines.base import EncodedAudio, TranscribeOptions, TranscriptionResult
 from tenants.context import ActorContext
+from tenants.models import Backend
 from tenants.services import budget_check, policy_get_or_provision, policy_resolve_backend, usage_record
 from transcription.failures import JobAttemptsExhausted, JobTimeLimit, failure_of
-from transcription.models import SpeechWorker, TranscriptionJob
+from transcription.models import SpeechWorker, TranscriptionJob, TranscriptionPiece
 from transcription.storage import delete_staged, read_staged, stage_upload
 
 logger = logging.getLogger("scaiecho.transcription")
-
 
 
 # --- Worker registry -----------------------------------------------------------------------------
@@ -202,13 +205,19 @@ class RetryJob(Exception):  # noqa: N818 - an instruction to the task, not a fai
         super().__init__(f"{error.code}: {error.message}")
 
 
-def job_run(*, job_id: str, worker_id: str, retries_left: bool) -> None:
+def job_run(*, job_id: str, worker_id: str, retries_left: bool, queue: str | None = None) -> None:
     """Run one job on this worker: resolve the backend, transcribe, store the result, meter it.
+
+    Audio longer than ``SCAIECHO_LONG_AUDIO_SPLIT_SECONDS`` on Backend A is not transcribed here:
+    it is cut into pieces whose tasks go to ``queue`` (the queue this job came from), and the job
+    stays ``running`` until the last of them joins the results (:func:`piece_run`).
 
     A transient error (an unavailable or failing backend) raises :class:`RetryJob` while the task
     has ``retries_left``; every other error, and a transient one on the last try, ends the job
     through :func:`job_fail`.
     """
+    if _pieces_resume(job_id=job_id, queue=queue):
+        return
     job = _claim(job_id=job_id, worker_id=worker_id)
     if job is None:
         return
@@ -219,7 +228,12 @@ def job_run(*, job_id: str, worker_id: str, retries_left: bool) -> None:
         backend = policy_resolve_backend(policy=policy_get_or_provision(tenant=tenant), preference=job.backend_preference)
         data = read_staged(name=job.staged_path)
         audio = decode_audio(data, max_duration_s=settings.SCAIECHO_MAX_AUDIO_SECONDS)
-        result = _transcribe(job=job, backend=backend, data=data, audio=audio)
+        cuts = _cut_points(backend=backend, samples=audio.samples)
+        if cuts:
+            _job_split(job=job, backend=backend, total=audio.samples.size, cuts=cuts, queue=queue)
+            return
+        original = EncodedAudio(data=data, filename=f"audio.{job.audio_ext}")
+        result = _transcribe(job=job, backend=backend, samples=audio.samples, original=original)
         if job.diarize:
             result = _diarize(job=job, audio=audio.samples, result=result)
     except errors.ApplicationError as exc:
@@ -232,14 +246,27 @@ def job_run(*, job_id: str, worker_id: str, retries_left: bool) -> None:
         logger.exception("job %s failed unexpectedly", job.id)
         job_fail(job=job, error=exc)
         return
-    latency_ms = int((time.monotonic() - started) * 1000)
+    _job_complete(
+        job=job,
+        backend=backend,
+        result=result,
+        audio_duration_ms=round(audio.duration_s * 1000),
+        latency_ms=int((time.monotonic() - started) * 1000),
+    )
+
+
+def _job_complete(
+    *, job: TranscriptionJob, backend: str, result: TranscriptionResult, audio_duration_ms: int, latency_ms: int
+) -> None:
+    """Write the result into the job row and its one usage record, in one transaction (the
+    caller's, when it has one); the staged audio goes once that has committed."""
     with transaction.atomic():
         job.status = TranscriptionJob.Status.COMPLETED
         job.status_reason = ""
         job.backend_used = backend
         job.transcript = result.text
         job.language_detected = result.language or ""
-        job.audio_duration_ms = round(audio.duration_s * 1000)
+        job.audio_duration_ms = audio_duration_ms
         job.segments = _segments_json(result)
         job.completed_at = timezone.now()
         job.save(
@@ -249,16 +276,17 @@ def job_run(*, job_id: str, worker_id: str, retries_left: bool) -> None:
             ]
         )
         usage_record(
-            tenant=tenant,
+            tenant=job.tenant,
             user=job.user,
             api_key=job.api_key,
             backend=backend,
             kind="batch",
-            audio_duration_ms=job.audio_duration_ms,
+            audio_duration_ms=audio_duration_ms,
             latency_ms=latency_ms,
             reference=str(job.id),
         )
-    delete_staged(name=job.staged_path)
+        staged = job.staged_path
+        transaction.on_commit(lambda: delete_staged(name=staged))
 
 
 def _requeue(job: TranscriptionJob) -> None:
@@ -267,7 +295,9 @@ def _requeue(job: TranscriptionJob) -> None:
     job.save(update_fields=["status"])
 
 
-def _transcribe(*, job: TranscriptionJob, backend: str, data: bytes, audio: Any) -> TranscriptionResult:
+def _transcribe(
+    *, job: TranscriptionJob, backend: str, samples: Any, original: EncodedAudio | None
+) -> TranscriptionResult:
     from scaiecho_site.engines import engine_for_backend
 
     options = TranscribeOptions(
@@ -276,9 +306,178 @@ def _transcribe(*, job: TranscriptionJob, backend: str, data: bytes, audio: Any)
         # Diarization cuts segments between words where the speaker changes.
         word_timestamps=job.word_timestamps or job.diarize,
         prompt=job.prompt or None,
-        original=EncodedAudio(data=data, filename=f"audio.{job.audio_ext}"),
+        original=original,
     )
-    return engine_for_backend(backend).transcribe(audio.samples, options=options)
+    return engine_for_backend(backend).transcribe(samples, options=options)
+
+
+# --- Long files: pieces on any free worker --------------------------------------------------------
+# A long job is cut at pauses into pieces, each a row and a task of its own; a piece that fails
+# transiently retries alone, and a piece whose worker died is redelivered (acks_late). The piece
+# that finds all the others done joins them into the job row under the job's row lock, so the
+# result and the usage record are written exactly once. Lock order everywhere: job, then piece.
+#
+# Only Backend A is split: the point is to spread our own workers' compute, and the relay does its
+# compute elsewhere and gets the upload as sent. A diarized job is split too, and diarized once on
+# the joined result (speakers must be matched across the whole file, not per piece).
+
+
+def _cut_points(*, backend: str, samples: Any) -> list[int]:
+    """Where to cut a long Backend A job (at pauses); empty when it runs whole."""
+    threshold = settings.SCAIECHO_LONG_AUDIO_SPLIT_SECONDS
+    if backend != Backend.A or threshold <= 0 or samples.size <= threshold * SAMPLE_RATE:
+        return []
+    return pieces.cut_points(samples, piece_seconds=settings.SCAIECHO_LONG_AUDIO_PIECE_SECONDS)
+
+
+def _job_split(*, job: TranscriptionJob, backend: str, total: int, cuts: list[int], queue: str | None) -> None:
+    """Insert the job's pieces and enqueue one task per piece after commit. The job stays
+    ``running``; its staged audio stays until the pieces are joined (or the job fails)."""
+    with transaction.atomic():
+        TranscriptionPiece.objects.bulk_create(
+            TranscriptionPiece(job=job, index=index, start_sample=start, end_sample=end, backend=backend)
+            for index, (start, end) in enumerate(pieces.ranges(total=total, cuts=cuts))
+        )
+        _pieces_enqueue(job_id=job.id, queue=queue)
+    logger.info("job %s split into %d pieces", job.id, len(cuts) + 1)
+
+
+def _pieces_enqueue(*, job_id: Any, queue: str | None) -> None:
+    """Enqueue the job's queued pieces once the transaction commits."""
+    from transcription.tasks import process_transcribe_piece
+
+    ids = list(
+        TranscriptionPiece.objects.filter(job_id=job_id, status=TranscriptionPiece.Status.QUEUED).values_list("id", flat=True)
+    )
+
+    def enqueue() -> None:
+        for piece_id in ids:
+            process_transcribe_piece.apply_async(args=[piece_id], queue=queue)
+
+    transaction.on_commit(enqueue)
+
+
+def _pieces_resume(*, job_id: str, queue: str | None) -> bool:
+    """For a redelivered job that was already split: enqueue its queued pieces again (their tasks
+    may have been lost with the worker that split it; a duplicate finds its piece taken) and say
+    that there is nothing else to do. ``False`` for a job that has no pieces."""
+    with transaction.atomic():
+        job = TranscriptionJob.objects.select_for_update().filter(pk=job_id).first()
+        if job is None or not job.pieces.exists():
+            return False
+        if not job.is_terminal:
+            _pieces_enqueue(job_id=job.id, queue=queue)
+        return True
+
+
+def _piece_claim(*, piece_id: int, worker_id: str) -> TranscriptionPiece | None:
+    """Mark the piece running on this worker, or ``None`` when there is nothing left to do
+    (the piece is done, or its job has finished or failed). As :func:`_claim` does for a job,
+    a piece held by a worker that still looks alive raises :class:`JobBusyElsewhere`, and a piece
+    delivered more than ``SCAIECHO_JOB_MAX_ATTEMPTS`` times fails its job."""
+    job_id = TranscriptionPiece.objects.filter(pk=piece_id).values_list("job_id", flat=True).first()
+    if job_id is None:
+        return None
+    with transaction.atomic():
+        job = TranscriptionJob.objects.select_for_update().filter(pk=job_id).first()
+        piece = TranscriptionPiece.objects.select_for_update().filter(pk=piece_id).first()
+        if job is None or piece is None or job.is_terminal or piece.status == TranscriptionPiece.Status.COMPLETED:
+            return None
+        if piece.status == TranscriptionPiece.Status.RUNNING and piece.worker_id and piece.worker_id != worker_id:
+            if SpeechWorker.objects.filter(worker_id=piece.worker_id, expires_at__gt=timezone.now()).exists():
+                raise JobBusyElsewhere(piece.worker_id)
+        piece.attempts += 1
+        if piece.attempts > settings.SCAIECHO_JOB_MAX_ATTEMPTS:
+            job_fail(job=job, error=JobAttemptsExhausted())
+            return None
+        piece.status = TranscriptionPiece.Status.RUNNING
+        piece.worker_id = worker_id
+        piece.started_at = timezone.now()
+        piece.save(update_fields=["status", "worker_id", "started_at", "attempts"])
+        piece.job = job
+        return piece
+
+
+def piece_run(*, piece_id: int, worker_id: str, retries_left: bool) -> None:
+    """Transcribe one piece of a long job on this worker and store its result; the piece that
+    completes the set joins them into the job (result, diarization, the one usage record).
+
+    Errors follow :func:`job_run`: a transient one raises :class:`RetryJob` while the task has
+    ``retries_left`` (this piece alone is retried; the job stays ``running``), and any other
+    fails the whole job through :func:`job_fail`.
+    """
+    piece = _piece_claim(piece_id=piece_id, worker_id=worker_id)
+    if piece is None:
+        return
+    job = piece.job
+    try:
+        data = read_staged(name=job.staged_path)
+        samples = decode_audio(data, max_duration_s=settings.SCAIECHO_MAX_AUDIO_SECONDS).samples
+        result = _transcribe(
+            job=job, backend=piece.backend, samples=samples[piece.start_sample : piece.end_sample], original=None
+        )
+        start_s, end_s = piece.start_sample / SAMPLE_RATE, piece.end_sample / SAMPLE_RATE
+        result = pieces.shifted(result, start_s=start_s, end_s=end_s)
+    except errors.ApplicationError as exc:
+        if exc.transient and retries_left:
+            _piece_requeue(piece)
+            raise RetryJob(exc) from exc
+        job_fail_running(job_id=job.id, error=exc)
+        return
+    except Exception as exc:
+        logger.exception("piece %s of job %s failed unexpectedly", piece.index, job.id)
+        job_fail_running(job_id=job.id, error=exc)
+        return
+    try:
+        _piece_complete(piece=piece, result=result, samples=samples)
+    except Exception as exc:  # the join (diarization, most likely) must not leave the job running
+        logger.exception("joining job %s failed unexpectedly", job.id)
+        job_fail_running(job_id=job.id, error=exc)
+
+
+def _piece_complete(*, piece: TranscriptionPiece, result: TranscriptionResult, samples: Any) -> None:
+    """Store the piece's result and, when it is the last, join all of them into the job.
+
+    Both happen in one transaction under the job's row lock: two pieces finishing together join
+    once, and a worker that dies while joining leaves its piece to be redelivered and join again.
+    """
+    with transaction.atomic():
+        job = TranscriptionJob.objects.select_for_update().filter(pk=piece.job_id).first()
+        if job is None or job.is_terminal:  # another piece failed it meanwhile
+            return
+        piece.status = TranscriptionPiece.Status.COMPLETED
+        piece.result = pieces.result_to_json(result)
+        piece.completed_at = timezone.now()
+        piece.save(update_fields=["status", "result", "completed_at"])
+        rows = list(job.pieces.order_by("index"))
+        if any(row.status != TranscriptionPiece.Status.COMPLETED for row in rows):
+            return
+        duration_s = rows[-1].end_sample / SAMPLE_RATE
+        joined = pieces.joined([pieces.result_from_json(row.result) for row in rows], duration_s=duration_s)
+        if job.diarize:
+            joined = _diarize(job=job, audio=samples, result=joined)
+        _job_complete(
+            job=job,
+            backend=piece.backend,
+            result=joined,
+            audio_duration_ms=round(duration_s * 1000),
+            latency_ms=int((timezone.now() - job.started_at).total_seconds() * 1000),
+        )
+        # The job row now holds the transcript: no second copy in the pieces.
+        job.pieces.update(result=None)
+    logger.info("job %s joined from %d pieces", job.id, len(rows))
+
+
+def _piece_requeue(piece: TranscriptionPiece) -> None:
+    piece.status = TranscriptionPiece.Status.QUEUED
+    piece.save(update_fields=["status"])
+
+
+def piece_fail_running(*, piece_id: int, error: BaseException) -> None:
+    """Fail the piece's job if it is still running (the piece's task hit its time limit)."""
+    job_id = TranscriptionPiece.objects.filter(pk=piece_id).values_list("job_id", flat=True).first()
+    if job_id is not None:
+        job_fail_running(job_id=job_id, error=error)
 
 
 def _diarize(*, job: TranscriptionJob, audio: Any, result: TranscriptionResult) -> TranscriptionResult:
@@ -311,7 +510,12 @@ def jobs_fail_stale(*, now: Any = None) -> int:
     """
     now = now or timezone.now()
     cutoff = now - timedelta(seconds=settings.SCAIECHO_JOB_TIME_LIMIT_SECONDS * 2)
-    stale = TranscriptionJob.objects.filter(status=TranscriptionJob.Status.RUNNING, started_at__lt=cutoff)
+    stale = (
+        TranscriptionJob.objects.filter(status=TranscriptionJob.Status.RUNNING, started_at__lt=cutoff)
+        # A split job lives as long as its pieces: waiting in the queue, or started recently.
+        .exclude(pieces__status=TranscriptionPiece.Status.QUEUED)
+        .exclude(pieces__started_at__gte=cutoff)
+    )
     count = 0
     for job in stale:
         job_fail(job=job, error=JobTimeLimit())

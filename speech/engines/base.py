@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import ClassVar
@@ -78,6 +78,21 @@ class TranscribeOptions:
     original: EncodedAudio | None = None
 
 
+@dataclass(frozen=True)
+class WindowPlan:
+    """A recording cut at its pauses into windows of at most 30 s that decode independently.
+
+    ``options`` are those to decode every window with (the file's language fixed, so that all
+    windows read in one language); ``join`` turns the windows' results, in order, into the
+    recording's result on its own time line. A batcher can decode the windows of several
+    recordings together in one pass and still give each caller its own result.
+    """
+
+    windows: list[np.ndarray]
+    options: TranscribeOptions
+    join: Callable[[list[TranscriptionResult]], TranscriptionResult]
+
+
 class Engine(ABC):
     """A speech engine: one per process, shared by its threads.
 
@@ -105,6 +120,11 @@ class Engine(ABC):
         """Transcribe several independent windows. Engines that can batch on the device override
         this; the results are the same words as one call per window."""
         return [self.transcribe(window, options=options) for window in windows]
+
+    def plan_windows(self, samples: np.ndarray, *, options: TranscribeOptions) -> WindowPlan | None:
+        """How this engine would cut ``samples`` into windows for :meth:`transcribe_batch`, or
+        ``None`` when it decodes a whole recording itself (then :meth:`transcribe` is the way)."""
+        return None
 
     def stream_decoder(self) -> Engine:
         """The engine a live stream decodes its short spans with (this one, unless the engine has

@@ -21,7 +21,7 @@ import logging
 import os
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from math import ceil
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,15 @@ from typing import Any
 import numpy as np
 
 from speech.audio import SAMPLE_RATE
-from speech.engines.base import Engine, Segment, TranscribeOptions, TranscriptionResult, Word, language_code
+from speech.engines.base import (
+    Engine,
+    Segment,
+    TranscribeOptions,
+    TranscriptionResult,
+    WindowPlan,
+    Word,
+    language_code,
+)
 from speech.engines.weights import PACKAGED, WeightsUnavailable, packaged_ctranslate2_dir
 from speech.errors import ValidationError
 
@@ -208,18 +216,25 @@ class CTranslate2Engine(Engine):
 
     def transcribe(self, samples: np.ndarray, *, options: TranscribeOptions) -> TranscriptionResult:
         """Transcribe 16 kHz mono float32 ``samples``; raises ``ValidationError`` for a language
-        this model cannot transcribe."""
+        this model cannot transcribe.
+
+        With ``batch_size`` above one the recording is cut at its pauses (:meth:`plan_windows`) and
+        the windows are decoded ``batch_size`` at a time; with one, faster-whisper's sequential
+        decoder reads it as ``whisper.transcribe`` does.
+        """
+        if self.batch_size > 1:
+            plan = self.plan_windows(samples, options=options)
+            results: list[TranscriptionResult] = []
+            for first in range(0, len(plan.windows), self.batch_size):
+                results += self.transcribe_batch(plan.windows[first : first + self.batch_size], options=plan.options)
+            return plan.join(results)
         language = self._language_code(options.language)
         samples = np.asarray(samples, dtype=np.float32).reshape(-1)
         duration_s = samples.size / SAMPLE_RATE
         if _is_silent(samples):
             return TranscriptionResult(text="", language=language, duration_s=duration_s, segments=[])
         with self.lock:
-            model = self._load_locked()
-            if self.batch_size > 1:
-                segments, detected = self._transcribe_vad_windows(model, samples, language, options)
-            else:
-                segments, detected = self._transcribe_sequential(model, samples, language, options)
+            segments, detected = self._transcribe_sequential(self._load_locked(), samples, language, options)
         return _result(segments, duration_s=duration_s, language=language, detected=detected)
 
     def _transcribe_sequential(
@@ -260,66 +275,65 @@ class CTranslate2Engine(Engine):
         ]
         return segments, info.language
 
-    def _transcribe_vad_windows(
-        self, model: Any, samples: np.ndarray, language: str | None, options: TranscribeOptions
-    ) -> tuple[list[Segment], str | None]:
-        """Cut at pauses (Silero VAD), join speech into windows of up to 30 s, decode them
-        ``batch_size`` at a time, and map times back to the original audio."""
+    def plan_windows(self, samples: np.ndarray, *, options: TranscribeOptions) -> WindowPlan:
+        """Cut at pauses (Silero VAD) and join the speech into windows of up to 30 s; the join maps
+        the windows' times back to the original audio.
+
+        When no language is given, it is detected once, on the first window of speech (as
+        ``whisper.transcribe`` does), and every window is decoded in it.
+        """
         from faster_whisper.vad import SpeechTimestampsMap, VadOptions, collect_chunks, get_speech_timestamps
 
-        speech = get_speech_timestamps(samples, VadOptions(max_speech_duration_s=_WINDOW_S, min_silence_duration_ms=160))
-        if not speech:
-            return [], None
-        chunks, _ = collect_chunks(samples, speech, max_duration=_WINDOW_S)
-        chunks = [chunk for chunk in chunks if chunk.size]
+        language = self._language_code(options.language)
+        samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+        duration_s = samples.size / SAMPLE_RATE
+        speech = [] if _is_silent(samples) else get_speech_timestamps(
+            samples, VadOptions(max_speech_duration_s=_WINDOW_S, min_silence_duration_ms=160)
+        )
+        chunks: list[np.ndarray] = []
+        if speech:
+            chunks = [chunk for chunk in collect_chunks(samples, speech, max_duration=_WINDOW_S)[0] if chunk.size]
+        if chunks and language is None:
+            language = self._detect_language(chunks[0])
         offsets = np.cumsum([0] + [chunk.size for chunk in chunks])[:-1] / SAMPLE_RATE
-        decoded: list[_Decoded] = []
-        for first in range(0, len(chunks), self.batch_size):
-            # One language for the whole file, detected on its first window of speech (as
-            # whisper.transcribe does), so that every window is decoded in it.
-            decoded += self._decode(
-                model,
-                chunks[first : first + self.batch_size],
-                language=language,
-                options=options,
-                timestamps=True,
-                one_language=True,
-            )
-            language = language or decoded[0].language
-        ts_map = SpeechTimestampsMap(speech, SAMPLE_RATE)
-        segments: list[Segment] = []
-        for offset, window in zip(offsets, decoded, strict=True):
-            for piece in window.pieces:
-                words = None
-                if piece["words"] is not None:
-                    words = []
-                    for w in piece["words"]:
-                        start, end = offset + w["start"], offset + w["end"]
-                        chunk_index = ts_map.get_chunk_index((start + end) / 2)
-                        words.append(
-                            Word(
-                                start=ts_map.get_original_time(start, chunk_index),
-                                end=ts_map.get_original_time(end, chunk_index),
-                                word=w["word"].strip(),
-                                probability=float(w["probability"]),
+        requested = self._language_code(options.language)
+
+        def join(results: list[TranscriptionResult]) -> TranscriptionResult:
+            ts_map = SpeechTimestampsMap(speech, SAMPLE_RATE) if speech else None
+            segments: list[Segment] = []
+            for offset, window in zip(offsets, results, strict=True):
+                for segment in window.segments:
+                    words = None
+                    if segment.words is not None:
+                        words = []
+                        for w in segment.words:
+                            start, end = offset + w.start, offset + w.end
+                            chunk_index = ts_map.get_chunk_index((start + end) / 2)
+                            words.append(
+                                Word(
+                                    start=ts_map.get_original_time(start, chunk_index),
+                                    end=ts_map.get_original_time(end, chunk_index),
+                                    word=w.word,
+                                    probability=w.probability,
+                                )
                             )
-                        )
-                if words:
-                    start, end = words[0].start, words[-1].end
-                else:
-                    start = ts_map.get_original_time(offset + piece["start"])
-                    end = ts_map.get_original_time(offset + piece["end"], is_end=True)
-                segments.append(
-                    Segment(
-                        start=start,
-                        end=end,
-                        text=piece["text"],
-                        words=words,
-                        avg_logprob=window.avg_logprob,
-                        no_speech_prob=window.no_speech_prob,
-                    )
-                )
-        return segments, language
+                    if words:
+                        start, end = words[0].start, words[-1].end
+                    else:
+                        start = ts_map.get_original_time(offset + segment.start)
+                        end = ts_map.get_original_time(offset + segment.end, is_end=True)
+                    segments.append(replace(segment, start=start, end=end, words=words))
+            return _result(segments, duration_s=duration_s, language=requested, detected=language)
+
+        return WindowPlan(windows=chunks, options=replace(options, language=language), join=join)
+
+    def _detect_language(self, window: np.ndarray) -> str:
+        with self.lock:
+            model = self._load_locked()
+            if not model.model.is_multilingual:
+                return "en"
+            encoded = model.encode(_features(model, window, _WINDOW_FRAMES)[None])
+            return model.model.detect_language(encoded)[0][0][0][2:-2]
 
     def transcribe_batch(
         self, windows: Sequence[np.ndarray], *, options: TranscribeOptions
@@ -369,7 +383,6 @@ class CTranslate2Engine(Engine):
         n_frames: int = _WINDOW_FRAMES,
         max_new_tokens: int | None = None,
         skip_silence: bool = True,
-        one_language: bool = False,
     ) -> list[_Decoded]:
         """Decode ``windows`` (each at most ``n_frames`` mel frames) as one batch.
 
@@ -377,7 +390,7 @@ class CTranslate2Engine(Engine):
         (compression ratio) or is unsure (log probability) are decoded again, together, at the next
         temperature; the best attempt is kept when all fail. With ``skip_silence`` a window that is
         probably silence (Whisper's no-speech rule) comes back without text. ``language`` ``None``
-        detects each window's language, or with ``one_language`` the first window's for all.
+        detects each window's own language.
         """
         from faster_whisper.tokenizer import Tokenizer
         from faster_whisper.transcribe import get_suppressed_tokens
@@ -389,8 +402,6 @@ class CTranslate2Engine(Engine):
             if model.model.is_multilingual:
                 ranked = model.model.detect_language(encoded)
                 languages = [r[0][0][2:-2] for r in ranked]
-                if one_language:
-                    languages = [languages[0]] * len(windows)
             else:
                 languages = ["en"] * len(windows)
         tokenizers: dict[str | None, Any] = {}

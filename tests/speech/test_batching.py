@@ -7,38 +7,23 @@ them; four of them are the four windows of a batch.
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from speech.audio import SAMPLE_RATE, decode_audio
+from speech.audio import SAMPLE_RATE
 from speech.batching import BatchingEngine
 from speech.engines.base import Engine, TranscribeOptions, TranscriptionResult
 from speech.engines.whisper import WhisperEngine
-from tests.voices import POCKETSPHINX_DATA, word_error_rate
+from tests.voices import librivox_clips, word_error_rate
 
 pytestmark = pytest.mark.slow
 
-CLIPS = ("0870", "0890", "0920", "0930")
-
-
-def _librivox() -> list[tuple[np.ndarray, str]]:
-    folder = POCKETSPHINX_DATA / "librivox"
-    transcripts = {}
-    for line in (folder / "transcription").read_text().splitlines():
-        text, _, name = line.rpartition("(")
-        transcripts[name.strip(" )")] = text.replace("<s>", "").replace("</s>", "").strip()
-    clips = []
-    for number in CLIPS:
-        name = f"sense_and_sensibility_01_austen_64kb-{number}"
-        clips.append((decode_audio(Path(folder / f"{name}.wav").read_bytes()).samples, transcripts[name]))
-    return clips
 
 
 @pytest.fixture(scope="module")
 def clips() -> list[tuple[np.ndarray, str]]:
-    return _librivox()
+    return librivox_clips()
 
 
 @pytest.fixture(scope="module")

@@ -10,36 +10,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from speech.audio import SAMPLE_RATE, decode_audio
+from speech.audio import SAMPLE_RATE
 from speech.batching import BatchingEngine
 from speech.engines.base import TranscribeOptions, TranscriptionResult
 from speech.engines.ctranslate2 import CTranslate2Engine
 from speech.engines.weights import PACKAGED, WeightsUnavailable, packaged_ctranslate2_dir
 from speech.errors import ValidationError
-from tests.voices import POCKETSPHINX_DATA, word_error_rate
+from tests.voices import librivox_clips, word_error_rate
 
 pytestmark = pytest.mark.slow
 
-CLIPS = ("0870", "0890", "0920", "0930")
 GREEDY_WORDS = TranscribeOptions(language="en", temperature=0.0, word_timestamps=True)
-
-
-def _librivox() -> list[tuple[np.ndarray, str]]:
-    folder = POCKETSPHINX_DATA / "librivox"
-    transcripts = {}
-    for line in (folder / "transcription").read_text().splitlines():
-        text, _, name = line.rpartition("(")
-        transcripts[name.strip(" )")] = text.replace("<s>", "").replace("</s>", "").strip()
-    clips = []
-    for number in CLIPS:
-        name = f"sense_and_sensibility_01_austen_64kb-{number}"
-        clips.append((decode_audio(Path(folder / f"{name}.wav").read_bytes()).samples, transcripts[name]))
-    return clips
 
 
 @pytest.fixture(scope="module")
 def clips() -> list[tuple[np.ndarray, str]]:
-    return _librivox()
+    return librivox_clips()
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +83,7 @@ def test_concurrent_callers_batched_by_the_batching_engine_get_their_own_words(e
     results: dict[int, TranscriptionResult] = {}
 
     def call(index: int) -> None:
-        results[index] = batcher.transcribe(windows[index], options=GREEDY_WORDS)
+        results[index] = batcher.transcribe_batch([windows[index]], options=GREEDY_WORDS)[0]
 
     try:
         threads = [threading.Thread(target=call, args=(i,)) for i in range(len(windows))]
@@ -110,6 +96,41 @@ def test_concurrent_callers_batched_by_the_batching_engine_get_their_own_words(e
 
     assert batcher.stats.sizes == [4]  # one batched pass for the four callers
     assert [_words(results[i]) for i in range(len(windows))] == [_words(r) for r in one_by_one]
+
+
+def test_two_jobs_recordings_decode_their_windows_in_shared_batches(engine, clips) -> None:
+    """What a GPU batch worker does with concurrent jobs: both recordings' VAD windows go into
+    the same batched passes, and each job still gets exactly its own transcript."""
+    gap = np.zeros(SAMPLE_RATE * 2, np.float32)
+    recordings = [
+        np.concatenate([gap, clips[0][0], gap, clips[1][0], gap, clips[2][0]]),
+        np.concatenate([clips[3][0], gap, clips[1][0], gap]),
+    ]
+    options = TranscribeOptions(language="en", temperature=0.0)
+    alone = [engine.transcribe(recording, options=options) for recording in recordings]
+    windows = [len(engine.plan_windows(recording, options=options).windows) for recording in recordings]
+    batcher = BatchingEngine(engine, max_batch=8, max_wait_s=1.0)
+    results: dict[int, TranscriptionResult] = {}
+    start = threading.Barrier(2)
+
+    def job(index: int) -> None:
+        start.wait()
+        results[index] = batcher.transcribe(recordings[index], options=options)
+
+    try:
+        threads = [threading.Thread(target=job, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=180)
+    finally:
+        batcher.close()
+
+    assert batcher.stats.windows == sum(windows)
+    assert max(batcher.stats.sizes) > max(windows)  # one pass held windows of both jobs
+    for index in range(2):
+        assert results[index].text == alone[index].text
+        assert [(s.start, s.end) for s in results[index].segments] == [(s.start, s.end) for s in alone[index].segments]
 
 
 def test_vad_batched_transcription_of_a_longer_recording(engine, clips) -> None:
