@@ -1,8 +1,11 @@
 """``WS /v1/modules/scaiecho/stream/transcribe``: the live transcription protocol (contract §4).
 
-Transport only. Authentication, authorization, budget and policy are services called through
-``database_sync_to_async``; decoding and relay calls run in threads; nothing blocks the event
-loop. Every non-1000 close is preceded by an ``error`` frame with the matching code.
+Transport only: frames in, frames out, close codes, and the idle and maximum-length timers.
+Authentication, authorization, budget and policy are services called through
+``database_sync_to_async``; the transcription itself is a :class:`~streaming.sessions.LiveSession`
+(worker- or relay-backed) that reports deltas, errors and its end back to the consumer. Audio
+decoding runs in a thread; nothing blocks the event loop. Every non-1000 close is preceded by an
+``error`` frame with the matching code.
 """
 
 from __future__ import annotations
@@ -12,10 +15,8 @@ import contextlib
 import json
 import logging
 import time
-import uuid
 from typing import Any
 
-import numpy as np
 from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
@@ -23,19 +24,17 @@ from django.conf import settings
 
 from scaiecho_site import errors
 from scaiecho_site.envelope import new_request_id
-from speech.audio import SAMPLE_RATE, float_to_pcm
+from speech.audio import SAMPLE_RATE
 from speech.decoders import make_decoder
-from speech.engines.base import TranscribeOptions
-from streaming.services import (
-    StreamGrant,
-    stream_authenticate,
-    stream_finish,
-    stream_open,
-    stream_still_allowed,
-    stream_worker_alive,
-    stream_worker_pick,
+from streaming.services import StreamGrant, stream_authenticate, stream_finish, stream_open, stream_still_allowed
+from streaming.sessions import (
+    LiveDelta,
+    LiveSession,
+    SessionOptions,
+    session_backend_available,
+    session_for,
+    sessions_prepare,
 )
-from streaming.worker import ensure_embedded_worker
 from tenants.context import ActorContext
 from tenants.services import BACKEND_PREFERENCES
 
@@ -117,6 +116,21 @@ def parse_open(frame: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
+def delta_frame(delta: LiveDelta) -> dict[str, Any]:
+    frame: dict[str, Any] = {
+        "type": "delta",
+        "text": delta.text,
+        "is_final": delta.is_final,
+        "start": delta.start,
+        "end": delta.end,
+        "confidence": delta.confidence,
+    }
+    if delta.diarized:
+        frame["speaker_id"] = delta.speaker_id
+        frame["speaker_label"] = delta.speaker_label
+    return frame
+
+
 class TranscribeStreamConsumer(AsyncWebsocketConsumer):
     """One live transcription session per connection."""
 
@@ -124,29 +138,22 @@ class TranscribeStreamConsumer(AsyncWebsocketConsumer):
         # Accept first, so that a refused client sees an error frame and 4401, not a failed handshake.
         await self.accept()
         self.closing = False
+        self.settled = False
         self.grant: StreamGrant | None = None
+        self.session: LiveSession | None = None
         self.request_id = new_request_id()
         self.audio_bytes = 0
-        self.samples_in = 0
-        self.pending = np.zeros(0, dtype=np.float32)
-        self.pending_start = 0  # stream sample index of ``pending[0]``
+        self.samples_in = 0  # decoded samples received: what the stream is metered for
+        self.started = time.monotonic()
         self.last_activity = time.monotonic()
         self.last_recheck = time.monotonic()
-        self.chunks: asyncio.Queue[tuple[np.ndarray, int] | None] = asyncio.Queue(maxsize=4)
-        self.tasks: list[asyncio.Task[None]] = []
-        self.started = time.monotonic()
-        self.worker_channel: str | None = None
-        # A diarized Backend B stream asks a stream worker who spoke each relayed chunk.
-        self.speaker_channel: str | None = None
-        self.speaker_reply_channel: str | None = None
-        self.last_worker_check = time.monotonic()
-        self.worker_closed = asyncio.Event()
+        self.timers: asyncio.Task[None] | None = None
         try:
             self.key = await database_sync_to_async(stream_authenticate)(token=self.scope.get("scaiecho_token"))
         except errors.ApplicationError as exc:
             await self.fail(exc)
             return
-        self.tasks.append(asyncio.create_task(self.watch_timeouts()))
+        self.timers = asyncio.create_task(self.watch_timeouts())
 
     def actor(self) -> ActorContext:
         client = self.scope.get("client") or (None, None)
@@ -187,14 +194,16 @@ class TranscribeStreamConsumer(AsyncWebsocketConsumer):
         kind = frame["type"]
         if kind == "open":
             await self.on_open(frame)
-        elif self.grant is None:
+        elif self.session is None:
             raise protocol_error("The first frame must be 'open'.", "type")
         elif kind == "keepalive":
             return
         elif kind == "finalize":
-            await self.flush(final=False)
+            await self.session.finalize()
         elif kind == "close":
-            await self.finish()
+            tail = await sync_to_async(self.decoder.flush, thread_sensitive=False)()
+            self.samples_in += tail.size
+            await self.session.close(tail)
         else:
             raise protocol_error(f"Unknown frame type {kind!r}.", "type")
 
@@ -203,30 +212,27 @@ class TranscribeStreamConsumer(AsyncWebsocketConsumer):
             raise protocol_error("'open' may be sent only once.", "type")
         options = parse_open(frame)
         self.decoder = make_decoder(media_type=options["media_type"], sample_rate=options["sample_rate"])
-        self.options = options
-        await ensure_embedded_worker()
+        await sessions_prepare()
         self.grant = await database_sync_to_async(stream_open)(
             key=self.key,
             ctx=self.actor(),
             backend_preference=options["backend_preference"],
             diarize=options["diarize"],
             speaker_ids=options["speaker_ids"],
+            is_available=session_backend_available,
         )
-        if self.grant.backend == "A":
-            self.worker_channel = await database_sync_to_async(stream_worker_pick)()
-            await self.to_worker(
-                "session.open",
-                reply_to=self.channel_name,
+        self.session = session_for(
+            grant=self.grant,
+            options=SessionOptions(
                 language=options["language_hint"],
-                chunk_seconds=options["chunk_seconds"],
+                chunk_seconds=float(options["chunk_seconds"]),
                 diarize=options["diarize"],
-                tenant_id=str(self.grant.tenant_id),
                 speaker_ids=options["speaker_ids"],
-            )
-        else:
-            if options["diarize"]:
-                self.speaker_channel = await database_sync_to_async(stream_worker_pick)()
-            self.tasks.append(asyncio.create_task(self.relay_chunks()))
+            ),
+            listener=self,
+            layer=self.channel_layer,
+        )
+        await self.session.open()
         await self.send_json(
             {
                 "type": "ready",
@@ -237,7 +243,7 @@ class TranscribeStreamConsumer(AsyncWebsocketConsumer):
         )
 
     async def on_audio(self, data: bytes) -> None:
-        if self.grant is None:
+        if self.session is None:
             raise protocol_error("Audio arrived before the 'open' frame.", "type")
         if not data:
             raise protocol_error("Empty audio frames are not allowed.", "audio")
@@ -245,67 +251,22 @@ class TranscribeStreamConsumer(AsyncWebsocketConsumer):
             raise errors.PayloadTooLarge(f"Audio frames may be at most {settings.SCAIECHO_STREAM_MAX_FRAME_BYTES} bytes.")
         self.audio_bytes += len(data)
         samples = await sync_to_async(self.decoder.feed, thread_sensitive=False)(data)
-        if self.worker_channel is not None:
-            await self.to_worker_audio(samples)
-        else:
-            self.append(samples)
+        self.samples_in += samples.size
+        await self.session.audio(samples)
         if time.monotonic() - self.last_recheck >= settings.SCAIECHO_STREAM_RECHECK_SECONDS:
             self.last_recheck = time.monotonic()
             await database_sync_to_async(stream_still_allowed)(grant=self.grant)
-        chunk = round(self.options["chunk_seconds"] * SAMPLE_RATE)
-        while len(self.pending) >= chunk:
-            await self.chunks.put((self.pending[:chunk], self.pending_start))
-            self.pending = self.pending[chunk:]
-            self.pending_start += chunk
 
-    def append(self, samples: np.ndarray) -> None:
-        if samples.size:
-            self.pending = np.concatenate([self.pending, samples.astype(np.float32, copy=False)])
-            self.samples_in += samples.size
+    # --- what the session reports (streaming.sessions.SessionListener) ------------------------
 
-    async def to_worker(self, kind: str, **fields: Any) -> None:
-        await self.channel_layer.send(self.worker_channel, {"type": kind, "session_id": self.grant.session_id, **fields})
+    async def on_delta(self, delta: LiveDelta) -> None:
+        if not self.closing:
+            await self.send_json(delta_frame(delta))
 
-    async def to_worker_audio(self, samples: np.ndarray) -> None:
-        if samples.size:
-            self.samples_in += samples.size
-            await self.to_worker("session.audio", pcm=float_to_pcm(samples))
+    async def on_error(self, error: errors.ApplicationError) -> None:
+        await self.fail(error)
 
-    async def expect_close_from_worker(self) -> None:
-        """The worker answers ``session.close`` with its last deltas and ``stream.closed``.
-
-        Waited for in a task of its own: the consumer handles one message at a time, so waiting
-        inside the handler of the client's ``close`` would keep the worker's answer from arriving.
-        """
-        try:
-            await asyncio.wait_for(self.worker_closed.wait(), timeout=settings.SCAIECHO_STREAM_FLUSH_TIMEOUT_SECONDS)
-        except TimeoutError:
-            await self.fail(errors.BackendTimeout("The stream worker did not finish in time."))
-
-    async def flush(self, *, final: bool) -> None:
-        """Send all audio so far for transcription; its deltas follow as they are ready."""
-        if self.worker_channel is not None:
-            if final:
-                await self.to_worker_audio(await sync_to_async(self.decoder.flush, thread_sensitive=False)())
-                await self.to_worker("session.close")
-                self.tasks.append(asyncio.create_task(self.expect_close_from_worker()))
-            else:
-                await self.to_worker("session.finalize")
-            return
-        if final:
-            self.append(await sync_to_async(self.decoder.flush, thread_sensitive=False)())
-        if self.pending.size:
-            await self.chunks.put((self.pending, self.pending_start))
-            self.pending_start += self.pending.size
-            self.pending = np.zeros(0, dtype=np.float32)
-        await self.chunks.join()
-
-    async def finish(self) -> None:
-        await self.flush(final=True)
-        if self.worker_channel is None:  # Backend A completes when the worker's stream.closed arrives
-            await self.complete()
-
-    async def complete(self) -> None:
+    async def on_closed(self) -> None:
         if self.closing:
             return
         self.closing = True
@@ -314,103 +275,6 @@ class TranscribeStreamConsumer(AsyncWebsocketConsumer):
         duration_ms = round(self.samples_in / SAMPLE_RATE * 1000)
         await self.send_json({"type": "closed", "audio_bytes": self.audio_bytes, "audio_duration_ms": duration_ms})
         await self.close(code=CLOSE_NORMAL)
-
-    # --- Backend B: one relay request per chunk -----------------------------------------------
-
-    async def relay_chunks(self) -> None:
-        from scaiecho_site.engines import relay_client
-
-        client = relay_client()
-        while True:
-            item = await self.chunks.get()
-            try:
-                if item is None or self.closing:
-                    continue
-                samples, start = item
-                result = await sync_to_async(client.transcribe, thread_sensitive=False)(
-                    samples, options=TranscribeOptions(language=self.options["language_hint"])
-                )
-                text = result.text.strip()
-                if text and not self.closing:
-                    delta = {
-                        "type": "delta",
-                        "text": text,
-                        "is_final": True,
-                        "start": round(start / SAMPLE_RATE, 3),
-                        "end": round((start + samples.size) / SAMPLE_RATE, 3),
-                        "confidence": None,
-                    }
-                    if self.speaker_channel is not None:
-                        delta.update(await self.attribute_chunk(samples))
-                    if not self.closing:
-                        await self.send_json(delta)
-            except errors.ApplicationError as exc:
-                await self.fail(exc)
-            except Exception:
-                logger.exception("relay chunk failed in stream %s", self.grant.session_id if self.grant else "-")
-                await self.fail(errors.BackendError("The relay failed."))
-            finally:
-                self.chunks.task_done()
-
-    async def attribute_chunk(self, samples: np.ndarray) -> dict[str, Any]:
-        """Ask the stream worker whose voice a relayed chunk is (no model runs in this process).
-
-        The answer comes on a channel of its own, read here: the consumer's own channel would
-        deliver it through the handler loop, which may be busy waiting for this very chunk (a
-        ``close`` flushes the chunks before it returns).
-        """
-        if self.speaker_reply_channel is None:
-            # The default prefix: channels_redis reads every process-specific channel through one
-            # real channel per prefix, so another prefix would have no reader while ours is busy.
-            self.speaker_reply_channel = await self.channel_layer.new_channel()
-        request_id = uuid.uuid4().hex
-        await self.channel_layer.send(
-            self.speaker_channel,
-            {
-                "type": "speaker.attribute",
-                "session_id": self.grant.session_id,
-                "reply_to": self.speaker_reply_channel,
-                "request_id": request_id,
-                "tenant_id": str(self.grant.tenant_id),
-                "speaker_ids": self.options["speaker_ids"],
-                "pcm": float_to_pcm(samples),
-            },
-        )
-        deadline = time.monotonic() + settings.SCAIECHO_STREAM_FLUSH_TIMEOUT_SECONDS
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise errors.BackendTimeout("The stream worker did not say who spoke in time.")
-            try:
-                answer = await asyncio.wait_for(self.channel_layer.receive(self.speaker_reply_channel), timeout=remaining)
-            except TimeoutError as exc:
-                raise errors.BackendTimeout("The stream worker did not say who spoke in time.") from exc
-            if answer.get("request_id") == request_id:
-                break
-        if answer.get("error"):
-            raise errors.BackendError(answer["error"])
-        return {"speaker_id": answer.get("speaker_id"), "speaker_label": answer.get("speaker_label")}
-
-    # --- Backend A: messages from the stream worker -------------------------------------------
-
-    async def stream_delta(self, message: dict[str, Any]) -> None:
-        if self.closing:
-            return
-        delta = {key: message[key] for key in ("text", "is_final", "start", "end", "confidence")}
-        if self.options["diarize"]:
-            delta["speaker_id"] = message.get("speaker_id")
-            delta["speaker_label"] = message.get("speaker_label")
-        await self.send_json({"type": "delta", **delta})
-
-    async def stream_flushed(self, message: dict[str, Any]) -> None:
-        """The worker has sent every delta of a ``finalize``; nothing more to do."""
-
-    async def stream_closed(self, message: dict[str, Any]) -> None:
-        self.worker_closed.set()
-        await self.complete()
-
-    async def stream_error(self, message: dict[str, Any]) -> None:
-        await self.fail(errors.BackendError(message.get("message") or "The stream worker failed."))
 
     # --- timers and endings -----------------------------------------------------------------
 
@@ -424,15 +288,13 @@ class TranscribeStreamConsumer(AsyncWebsocketConsumer):
             if self.grant is not None and time.monotonic() - self.started > settings.SCAIECHO_STREAM_MAX_SESSION_SECONDS:
                 await self.fail(StreamTimeout("The session reached its maximum length."))
                 return
-            if self.worker_channel is not None and time.monotonic() - self.last_worker_check >= 0.5:
-                self.last_worker_check = time.monotonic()
-                if not await database_sync_to_async(stream_worker_alive)(worker_id=self.worker_channel):
-                    await self.fail(errors.BackendError("The stream worker stopped; reconnect to continue."))
-                    return
 
     async def fail(self, error: errors.ApplicationError) -> None:
         if self.closing:
             return
+        self.closing = True
+        if self.session is not None:  # no more backend work, and no delta after the error frame
+            await self.session.abort()
         frame = {"type": "error", "code": error.code, "message": error.message}
         field = (error.details or [{}])[0].get("field")
         if field:  # a 4400 names the offending field
@@ -440,15 +302,11 @@ class TranscribeStreamConsumer(AsyncWebsocketConsumer):
             if field not in error.message:
                 frame["message"] = f"{field}: {error.message}"
         await self.send_json(frame)
-        await self.end(close_code_for(error), outcome=error.code)
-
-    async def end(self, code: int, *, outcome: str) -> None:
-        self.closing = True
-        await self.settle(outcome)
-        await self.close(code=code)
+        await self.settle(error.code)
+        await self.close(code=close_code_for(error))
 
     async def settle(self, outcome: str) -> None:
-        if self.grant is not None and not getattr(self, "settled", False):
+        if self.grant is not None and not self.settled:
             self.settled = True
             await database_sync_to_async(stream_finish)(
                 grant=self.grant,
@@ -459,17 +317,26 @@ class TranscribeStreamConsumer(AsyncWebsocketConsumer):
             )
 
     async def disconnect(self, code: int) -> None:
+        await self.stop("disconnected")
+
+    async def stop(self, outcome: str) -> None:
         self.closing = True
-        if self.worker_channel is not None and not self.worker_closed.is_set():
-            with contextlib.suppress(Exception):  # free the worker's session; it may be gone already
-                await self.to_worker("session.close")
-        if self.speaker_channel is not None:
-            with contextlib.suppress(Exception):  # the worker forgets this stream's voices
-                await self.channel_layer.send(self.speaker_channel, {"type": "speaker.close", "session_id": self.grant.session_id})
-        for task in self.tasks:
-            if task is not asyncio.current_task():
-                task.cancel()
-        await self.settle("disconnected")
+        if self.session is not None:
+            await self.session.abort()
+        if self.timers is not None and self.timers is not asyncio.current_task():
+            self.timers.cancel()
+        await self.settle(outcome)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # A client that leaves while a handler waits for the backend (a full relay queue) gets
+            # this consumer cancelled by the server before ``disconnect`` runs: its session must
+            # still stop working, and the audio it sent must still be metered.
+            if hasattr(self, "closing"):
+                with contextlib.suppress(Exception):
+                    await self.stop("disconnected")
 
     async def send_json(self, payload: dict[str, Any]) -> None:
         await self.send(text_data=json.dumps(payload))

@@ -8,6 +8,7 @@ consumer holds no ORM objects across awaits.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -30,7 +31,6 @@ from tenants.services import (
     usage_record,
 )
 from transcription.models import SpeechWorker
-from transcription.selectors import relay_configured, whisper_workers_alive
 
 
 @dataclass(frozen=True)
@@ -43,13 +43,6 @@ class StreamGrant:
     session_id: str
     backend: str
     expires_at: datetime
-
-
-def stream_backend_available(backend: str) -> bool:
-    """Backend A streams need a live *stream* worker; Backend B needs the relay configured."""
-    if backend == "A":
-        return whisper_workers_alive(kind=SpeechWorker.Kind.STREAM)
-    return relay_configured()
 
 
 def stream_authenticate(*, token: str | None) -> ApiKey:
@@ -67,9 +60,19 @@ def stream_authenticate(*, token: str | None) -> ApiKey:
 
 
 def stream_open(
-    *, key: ApiKey, ctx: ActorContext, backend_preference: str, diarize: bool, speaker_ids: list[str] | None = None
+    *,
+    key: ApiKey,
+    ctx: ActorContext,
+    backend_preference: str,
+    diarize: bool,
+    is_available: Callable[[str], bool],
+    speaker_ids: list[str] | None = None,
 ) -> StreamGrant:
-    """Authorize, check the budget and resolve the backend once for the whole session."""
+    """Authorize, check the budget and resolve the backend once for the whole session.
+
+    ``is_available(backend)`` says whether a backend can take a stream now (the session kinds
+    know: :func:`streaming.sessions.session_backend_available`).
+    """
     membership = key.membership
     tenant = membership.tenant
     if not tenant.scaiecho_enabled:
@@ -88,7 +91,7 @@ def stream_open(
         )
     budget_check(tenant=tenant, ctx=ctx)
     backend = policy_resolve_backend(
-        policy=policy_get_or_provision(tenant=tenant), preference=backend_preference, is_available=stream_backend_available
+        policy=policy_get_or_provision(tenant=tenant), preference=backend_preference, is_available=is_available
     )
 
     session_id = f"str_{uuid.uuid4().hex}"

@@ -1,20 +1,31 @@
 """The stream worker: owns one Whisper model and the live sessions pinned to it (Backend A).
 
-Consumers (web processes) send a session's audio to the worker's channel on the channel layer;
-the worker runs each session's :class:`~speech.transcriber.StreamSession` and sends the deltas
-back to the consumer's channel. With ``REDIS_URL`` set, web processes and stream workers are
+Web processes (a :class:`~streaming.sessions.WorkerSession` per stream) send a session's audio to
+the worker's channel on the channel layer; the worker runs each session's
+:class:`~speech.transcriber.StreamSession` and sends the deltas back to the session's ``reply_to``
+channel. With ``REDIS_URL`` set, web processes and stream workers are
 separate processes (``python manage.py stream_worker``), any number of each; with the embedded
 in-memory channel layer, one worker runs inside the web process, started by the first stream.
 
-Each inference lane is one model and one thread (``SCAIECHO_STREAM_INFERENCE_THREADS`` lanes per
-worker); a session stays on the lane with the fewest sessions when it opens. On a lane each feed
+A session stays on the inference lane with the fewest sessions when it opens. On a lane each feed
 is a short unit of work, queued in arrival order, so one busy session cannot starve the others.
+How lanes map to models depends on the device:
 
-Messages, consumer → worker: ``session.open`` (session_id, reply_to, language, chunk_seconds,
+- On a CPU each lane is one model and one thread (``SCAIECHO_STREAM_INFERENCE_THREADS`` lanes per
+  worker): a batch costs a CPU about the sum of its windows, so lanes decode side by side instead.
+- On CUDA (the engine's ``device`` starts with ``cuda``) the engine is a
+  :class:`~speech.batching.BatchingEngine` that decodes concurrent callers' windows in one pass.
+  The worker then runs ``SCAIECHO_GPU_MAX_BATCH`` lanes, threads that share the one model and one
+  stream decoder (``engine.stream_decoder()``, taken once: a decoder per session would batch
+  nothing), so the decodes of up to that many sessions that fall due together — one tick of the
+  live streams — go to the GPU as one batched encoder/decoder pass. The batcher waits at most
+  ``SCAIECHO_GPU_BATCH_WAIT_MS`` for a batch to fill; results are the same words as one by one.
+
+Messages, web process (a stream session) → worker: ``session.open`` (session_id, reply_to, language, chunk_seconds,
 diarize, tenant_id, speaker_ids), ``session.audio`` (session_id, pcm: s16le 16 kHz mono bytes),
 ``session.finalize``, ``session.close``; for a diarized Backend B stream, whose chunks the relay
 transcribes, ``speaker.attribute`` (session_id, reply_to, request_id, tenant_id, speaker_ids, pcm)
-and ``speaker.close``. Worker → consumer: ``stream.delta`` (the delta's fields, with speaker_id
+and ``speaker.close``. Worker → session: ``stream.delta`` (the delta's fields, with speaker_id
 and speaker_label when diarized), ``stream.flushed``, ``stream.closed``, ``stream.error`` (code,
 message), ``stream.speaker`` (request_id, speaker_id, speaker_label).
 """
@@ -47,12 +58,24 @@ CHANNEL_PREFIX = "scaiecho.streamworker."
 
 @dataclass
 class _Lane:
-    """One model and the one thread that runs it; a session stays on its lane."""
+    """One thread and the model it runs (its own on a CPU, shared on CUDA); a session stays on its lane."""
 
-    engine: Any
     executor: ThreadPoolExecutor
+    engine: Any = None
+    # The stream decoder every session on the lane uses; ``None``: each session takes its own
+    # (``engine.stream_decoder()``), as on a CPU.
+    decoder: Any = None
     sessions: int = 0
     queued: int = 0  # feeds waiting for or running on this lane's thread
+
+
+def _new_lane(index: int) -> _Lane:
+    return _Lane(executor=ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"scaiecho-inference-{index}"))
+
+
+def batches_on_device(engine: Any) -> bool:
+    """Whether concurrent decodes on ``engine`` become one batched pass (CUDA, see the module doc)."""
+    return str(getattr(engine, "device", "cpu")).startswith("cuda")
 
 
 # How much of a diarized session's recent audio the worker keeps, to embed each final's span.
@@ -100,11 +123,9 @@ class StreamWorker:
         self.layer = get_channel_layer()
         self.engine = engine
         self.sessions: dict[str, _Session] = {}
-        count = lanes or settings.SCAIECHO_STREAM_INFERENCE_THREADS
-        self.lanes = [
-            _Lane(engine=None, executor=ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"scaiecho-inference-{i}"))
-            for i in range(count)
-        ]
+        # An explicit lane count, or the settings' once the device is known (see ``start``).
+        self.lane_count = lanes
+        self.lanes: list[_Lane] = []
         self.channel = ""
         self.stopping = asyncio.Event()
         # Speaker embeddings for diarized sessions: one thread, so it never delays a lane's decode.
@@ -121,8 +142,22 @@ class StreamWorker:
         # Keep announcing while the model loads (longer than the heartbeat's TTL).
         self.beats = asyncio.create_task(self._beat_forever())
         loop = asyncio.get_running_loop()
-        for index, lane in enumerate(self.lanes):
-            await loop.run_in_executor(lane.executor, self._load_model, lane, index)
+        first = _new_lane(0)
+        self.lanes.append(first)
+        await loop.run_in_executor(first.executor, self._load_model, first, 0)
+        if batches_on_device(first.engine):
+            # One model; concurrent lanes make its batches (see the module docstring).
+            first.decoder = first.engine.stream_decoder()
+            for index in range(1, self.lane_count or settings.SCAIECHO_GPU_MAX_BATCH):
+                lane = _new_lane(index)
+                lane.engine, lane.decoder = first.engine, first.decoder
+                self.lanes.append(lane)
+        else:
+            for index in range(1, self.lane_count or settings.SCAIECHO_STREAM_INFERENCE_THREADS):
+                lane = _new_lane(index)
+                self.lanes.append(lane)
+                await loop.run_in_executor(lane.executor, self._load_model, lane, index)
+        logger.info("stream worker %s: %d lanes on %s", self.channel, len(self.lanes), getattr(first.engine, "device", "cpu"))
         return self.channel
 
     def _load_model(self, lane: _Lane, index: int) -> None:
@@ -224,7 +259,10 @@ class StreamWorker:
         lane = min(self.lanes, key=lambda candidate: candidate.sessions)
         lane.sessions += 1
         transcriber = StreamSession(
-            lane.engine, chunk_seconds=float(message.get("chunk_seconds", 5.0)), language=message.get("language") or None
+            lane.engine,
+            chunk_seconds=float(message.get("chunk_seconds", 5.0)),
+            language=message.get("language") or None,
+            decoder=lane.decoder,
         )
         session = _Session(reply_to=message["reply_to"], transcriber=transcriber, lane=lane)
         if message.get("diarize"):

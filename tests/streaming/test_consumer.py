@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,36 +22,13 @@ from tenants.context import system_actor
 from tenants.models import Role, TenantBudget, TenantPolicy, UsageRecord
 from tenants.services import api_key_revoke
 from tests.factories import IssuedKey, KeyFactory
-from tests.relay_server import DEFAULT_VERBOSE_JSON, RelayServer
-from tests.voices import synth_speech
+from tests.relay_server import DEFAULT_VERBOSE_JSON
+from tests.streaming.conftest import RELAY_KEY
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 PATH = "/v1/modules/scaiecho/stream/transcribe"
-RELAY_KEY = "stream-relay-key"
 APP = TokenScopeMiddleware(URLRouter(websocket_urlpatterns))
-
-
-@pytest.fixture(scope="module")
-def relay_server() -> Iterator[RelayServer]:
-    with RelayServer(api_key=RELAY_KEY) as server:
-        yield server
-
-
-@pytest.fixture
-def relay(relay_server: RelayServer, settings) -> Iterator[RelayServer]:
-    settings.SCAIECHO_RELAY_BASE_URL = relay_server.base_url
-    settings.SCAIECHO_RELAY_API_KEY = RELAY_KEY
-    relay_server.requests.clear()
-    relay_server.mode = "static"
-    yield relay_server
-    relay_server.mode = "static"
-    relay_server.static_body = DEFAULT_VERBOSE_JSON
-
-
-@pytest.fixture(scope="module")
-def speech_wav() -> bytes:
-    return synth_speech("Good morning everyone. Today we will review the quarterly budget.")
 
 
 def issue(role: str = Role.TENANT_VIEWER, *, policy: tuple[str, str] = ("B", "B")) -> IssuedKey:
@@ -404,7 +380,7 @@ def test_relay_failure_is_an_error_and_4502(relay, speech_wav):
 
 @pytest.mark.parametrize("media_type", ["audio/ogg", "audio/webm", "audio/mpeg", "audio/L16"])
 def test_each_media_type_streams_end_to_end(relay, speech_wav, media_type):
-    from tests.streaming.test_decoders import media_recorder_webm, pcm_payload
+    from tests.speech.test_decoders import media_recorder_webm, pcm_payload
     from tests.voices import convert_audio
 
     make = {

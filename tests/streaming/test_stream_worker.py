@@ -15,7 +15,7 @@ import pytest
 from django.utils import timezone
 
 from speech.audio import decode_audio, wav_bytes
-from tenants.models import Role
+from tenants.models import Role, UsageRecord
 from tests.processes import ManagedProcess
 from tests.streaming.test_consumer import PATH, Client, assert_error_close, issue, run
 from tests.voices import synth_speech, word_error_rate
@@ -198,3 +198,37 @@ def test_sessions_spread_over_two_workers_and_survive_the_other_ones_death(strea
                 assert word_error_rate(" ".join(UTTERANCES), " ".join(finals)) <= 0.3
     finally:
         second.stop()
+
+
+def test_worker_and_relay_sessions_speak_the_same_protocol(stream_worker, relay, conversation_wav):
+    """The client cannot tell the backends apart by the frames: ready, deltas, closed, 1000, and
+    the same metering, whichever session kind ran the stream."""
+    wait_until_announced()
+    keys = {"A": issue(Role.TENANT_VIEWER, policy=("A", "A")), "B": issue(Role.TENANT_VIEWER, policy=("B", "B"))}
+    duration = (len(conversation_wav) - 44) / 32000
+
+    async def stream(backend: str):
+        async with Client(f"{PATH}?token={keys[backend].secret}") as client:
+            await client.send({"type": "open", "media_type": "audio/wav", "language_hint": "en", "chunk_seconds": 2.0})
+            ready = await client.next_frame()
+            await client.send_audio(conversation_wav, frame_size=16000)
+            await client.send({"type": "close"})
+            frames, code = await client.frames_until_close(wait=90)
+            return [ready, *frames], code
+
+    for backend in ("A", "B"):
+        frames, code = run(stream(backend))
+        assert code == 1000, frames[-2:]
+        assert frames[0]["type"] == "ready"
+        assert frames[0]["backend_used"] == backend
+        assert frames[-1] == {"type": "closed", "audio_bytes": len(conversation_wav), "audio_duration_ms": round(duration * 1000)}
+        deltas = frames[1:-1]
+        assert deltas, backend
+        assert all(set(d) == {"type", "text", "is_final", "start", "end", "confidence"} for d in deltas), deltas
+        finals = [d for d in deltas if d["is_final"]]
+        assert finals, deltas
+        assert all(f["text"] for f in finals), finals
+        assert all(0 <= f["start"] < f["end"] <= duration + 0.05 for f in finals), finals
+        assert all(later["start"] >= earlier["end"] - 0.05 for earlier, later in zip(finals, finals[1:], strict=False))
+        usage = UsageRecord.objects.get(tenant=keys[backend].tenant, kind="stream")
+        assert (usage.backend, usage.audio_duration_ms) == (backend, round(duration * 1000))
