@@ -26,20 +26,24 @@ class JobTask(Task):
         return super().retry(*args, exc=exc, countdown=countdown, **kwargs)
 
 
-@shared_task(
-    bind=True,
-    base=JobTask,
-    name="transcription.process_transcribe_job",
-    acks_late=True,
-    reject_on_worker_lost=True,
-    autoretry_for=(RetryJob,),
-    max_retries=settings.SCAIECHO_JOB_MAX_RETRIES,
-    retry_backoff=settings.SCAIECHO_JOB_RETRY_BACKOFF_SECONDS,
-    retry_backoff_max=60,
-    retry_jitter=False,
-    soft_time_limit=settings.SCAIECHO_JOB_SOFT_TIME_LIMIT_SECONDS,
-    time_limit=settings.SCAIECHO_JOB_TIME_LIMIT_SECONDS,
-)
+# Jobs and the pieces of long jobs share one delivery and retry policy: a dead worker's task is
+# redelivered (acks_late), and a transient error retries that task alone, with backoff.
+DELIVERY = {
+    "bind": True,
+    "base": JobTask,
+    "acks_late": True,
+    "reject_on_worker_lost": True,
+    "autoretry_for": (RetryJob,),
+    "max_retries": settings.SCAIECHO_JOB_MAX_RETRIES,
+    "retry_backoff": settings.SCAIECHO_JOB_RETRY_BACKOFF_SECONDS,
+    "retry_backoff_max": 60,
+    "retry_jitter": False,
+    "soft_time_limit": settings.SCAIECHO_JOB_SOFT_TIME_LIMIT_SECONDS,
+    "time_limit": settings.SCAIECHO_JOB_TIME_LIMIT_SECONDS,
+}
+
+
+@shared_task(name="transcription.process_transcribe_job", **DELIVERY)
 def process_transcribe_job(self: Task, job_id: str) -> None:
     """Resolve the backend at dispatch, transcribe, and write the result into the job row
     (or, for a long file, split it into pieces that go to the queue this job came from)."""
@@ -61,22 +65,7 @@ def process_transcribe_job(self: Task, job_id: str) -> None:
         job_fail_running(job_id=job_id, error=JobTimeLimit())
 
 
-@shared_task(
-    bind=True,
-    base=JobTask,
-    name="transcription.process_transcribe_piece",
-    # The same delivery and retry policy as the job's: a dead worker's piece is redelivered, and a
-    # transient error retries this piece alone.
-    acks_late=True,
-    reject_on_worker_lost=True,
-    autoretry_for=(RetryJob,),
-    max_retries=settings.SCAIECHO_JOB_MAX_RETRIES,
-    retry_backoff=settings.SCAIECHO_JOB_RETRY_BACKOFF_SECONDS,
-    retry_backoff_max=60,
-    retry_jitter=False,
-    soft_time_limit=settings.SCAIECHO_JOB_SOFT_TIME_LIMIT_SECONDS,
-    time_limit=settings.SCAIECHO_JOB_TIME_LIMIT_SECONDS,
-)
+@shared_task(name="transcription.process_transcribe_piece", **DELIVERY)
 def process_transcribe_piece(self: Task, piece_id: int) -> None:
     """Transcribe one piece of a long job; the last piece to finish joins them into the job row."""
     try:
