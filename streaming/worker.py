@@ -78,6 +78,8 @@ def batches_on_device(engine: Any) -> bool:
     return str(getattr(engine, "device", "cpu")).startswith("cuda")
 
 
+# A final shorter than this is embedded with the audio held after it, up to this length.
+STREAM_EMBED_SECONDS = 2.0
 # How much of a diarized session's recent audio the worker keeps, to embed each final's span.
 SPEAKER_HISTORY_SECONDS = 90
 
@@ -387,6 +389,11 @@ def _attribute_span(speakers: _Speakers, feeds: list[np.ndarray], offset: float,
     audio = np.concatenate(feeds) if feeds else np.zeros(0, dtype=np.float32)
     close_old_connections()
     candidates = speaker_candidates(tenant_id=speakers.tenant_id, speaker_ids=speakers.speaker_ids)
+    # A short final (a clause cut at its comma, a lone "yes") holds too little voice for a steady
+    # embedding: it is read together with the audio after it that the worker already holds, which
+    # is the same speaker going on when the final was cut mid-turn, or the pause after the turn.
+    held_until = offset + audio.size / SAMPLE_RATE
+    end = max(end, min(start + STREAM_EMBED_SECONDS, held_until))
     segment = Segment(start=max(0.0, start - offset), end=max(0.0, end - offset), text="")
     [attributed] = diarize_segments(
         audio, [segment], encoder=speaker_encoder(), tracker=speakers.tracker, candidates=candidates

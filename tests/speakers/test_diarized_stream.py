@@ -117,6 +117,8 @@ def test_diarized_stream_labels_finals_and_forgets_an_erased_speaker(api, speech
     assert code == 1000, rest[-2:]
     assert all({"speaker_id", "speaker_label"} <= set(f) for f in finals)
     first = [set(labels) for labels in labels_by_turn(finals[:before], turns_one)]
+    # A short final at a comma ("Sorry I am late,") must still be read as its speaker's voice.
+    assert all(len(labels) == 1 for labels in first), [(f["text"], f["speaker_label"]) for f in finals[:before]]
     [stranger] = first[3]
     assert stranger.startswith("SPEAKER_")
     assert first == [{"Alice"}, {"Boris"}, {"Carl"}, {stranger}, {"Alice"}, {stranger}], first
