@@ -65,6 +65,13 @@ class TranscriptionJob(models.Model):
     word_timestamps = models.BooleanField(default=False)
     prompt = models.TextField(blank=True)
     diarize = models.BooleanField(default=False)
+    # Diarization hints (pyannote/whisperX style): an exact count, or bounds for the estimate.
+    num_speakers = models.PositiveSmallIntegerField(null=True, blank=True)
+    min_speakers = models.PositiveSmallIntegerField(null=True, blank=True)
+    max_speakers = models.PositiveSmallIntegerField(null=True, blank=True)
+    # Decode speech regions found by VAD one window at a time (the default); off decodes the file
+    # as one stream, for comparison.
+    vad_segmentation = models.BooleanField(default=True)
     # Limits diarization to these enrolled speakers (ids as strings); empty: all ready speakers.
     speaker_ids = models.JSONField(default=list, blank=True)
 
