@@ -30,9 +30,7 @@ RATE = 16_000
 LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
 ASTERISK_SOUNDS = Path("/usr/share/asterisk/sounds/en")
 ASTERISK_TEXT = Path("/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz")
-INSTALL_HINT = (
-    "apt-get install -y pocketsphinx-testdata asterisk-core-sounds-en-wav asterisk-core-sounds-en"
-)
+INSTALL_HINT = "apt-get install -y pocketsphinx-testdata asterisk-core-sounds-en-wav asterisk-core-sounds-en"
 _SPEECH_RMS = 0.08  # about -22 dBFS over the loud part of each clip
 _FRAME = RATE // 50  # 20 ms
 _LOUD = 0.01  # -40 dBFS frame RMS: where a clip's speech starts and ends
@@ -44,6 +42,7 @@ class Clip:
     text: str
     source: str  # "librivox" or "asterisk"
     speech: tuple[float, float]  # (start, end) of the speech inside the clip, seconds
+    name: str = ""  # the file's stem, e.g. "auth-thankyou" or "sense_and_sensibility_01_austen_64kb-0870"
 
     @property
     def seconds(self) -> float:
@@ -87,7 +86,7 @@ def _read(path: Path) -> np.ndarray:
     return decode_audio(path.read_bytes()).samples
 
 
-def _trimmed(samples: np.ndarray, text: str, source: str) -> Clip:
+def _trimmed(samples: np.ndarray, text: str, source: str, name: str = "") -> Clip:
     """Level-match the clip and find where its speech is."""
     n = samples.size // _FRAME
     rms = np.sqrt(np.mean(samples[: n * _FRAME].reshape(n, _FRAME) ** 2, axis=1)) if n else np.zeros(0)
@@ -98,7 +97,7 @@ def _trimmed(samples: np.ndarray, text: str, source: str) -> Clip:
     else:
         first, last, gain = 0, samples.size, 1.0
     out = np.clip(samples * gain, -1.0, 1.0).astype(np.float32)
-    return Clip(out, text, source, (first / RATE, last / RATE))
+    return Clip(out, text, source, (first / RATE, last / RATE), name)
 
 
 def librivox() -> list[Clip]:
@@ -109,7 +108,7 @@ def librivox() -> list[Clip]:
     for line in listing.read_text().splitlines():
         m = re.match(r"<s>\s*(.*?)\s*</s>\s*\((\S+)\)", line.strip())
         if m:
-            clips.append(_trimmed(_read(LIBRIVOX / f"{m.group(2)}.wav"), m.group(1), "librivox"))
+            clips.append(_trimmed(_read(LIBRIVOX / f"{m.group(2)}.wav"), m.group(1), "librivox", m.group(2)))
     return clips
 
 
@@ -131,8 +130,17 @@ def asterisk() -> list[Clip]:
             continue
         samples = _read(path)
         if 1.0 <= samples.size / RATE <= 20.0:
-            clips.append(_trimmed(samples, text, "asterisk"))
+            clips.append(_trimmed(samples, text, "asterisk", name.strip()))
     return clips
+
+
+def asterisk_prompt(name: str) -> Clip:
+    """One English Asterisk prompt by file name (``"auth-thankyou"``), short ones included."""
+    for line in gzip.open(ASTERISK_TEXT, "rt", encoding="utf-8", errors="replace"):
+        stem, sep, text = line.partition(":")
+        if sep and stem.strip() == name:
+            return _trimmed(_read(ASTERISK_SOUNDS / f"{name}.wav"), text.strip(), "asterisk", name)
+    raise KeyError(f"no Asterisk prompt {name!r} in {ASTERISK_TEXT}")
 
 
 @cache
