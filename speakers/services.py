@@ -200,7 +200,9 @@ def speaker_enrollment_run(*, speaker_id: str) -> None:
     consent_voice = encoder.embed(spoken)
     similarity = cosine_similarity(voice, consent_voice)
     _set_stage(speaker.pk, Speaker.Stage.VERIFYING)
-    result = whisper_engine().transcribe(spoken, options=TranscribeOptions(language=speaker.language_primary or None))
+    # Speech windows (VAD) as batch jobs decode them: a pause in the reading cannot make Whisper loop.
+    options = TranscribeOptions(language=speaker.language_primary or None, vad_segmentation=True)
+    result = whisper_engine().transcribe(spoken, options=options)
     verdict = consent_verdict(
         consent_text=consent.consent_text,
         transcript=result.text,

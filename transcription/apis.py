@@ -7,11 +7,12 @@ no model is ever loaded: the work happens on a worker, and an inline request wai
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from django.conf import settings
 from django.http import HttpResponse
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_field
 from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -150,7 +151,101 @@ def form_with_lists(data: Any, *names: str) -> Any:
     return raw
 
 
+VAD_SEGMENTATION_HELP = (
+    "Decode the file as Silero VAD's speech windows of up to 25 s, each on its own, with a guard "
+    "against repeated text (default true); false reads the whole file as whisper.transcribe does, "
+    "for comparison."
+)
+
+
+def form_with_objects(data: Any, *names: str) -> Any:
+    """Multipart object fields as the ``openai`` SDK sends them (``name[key]=value``) gathered
+    into one dict under ``name``; a plain value (``auto``, or JSON text) is left as it is."""
+    if not isinstance(data, dict):
+        return data
+    for name in names:
+        prefix = f"{name}["
+        nested = {key[len(prefix) : -1]: data.pop(key) for key in list(data) if key.startswith(prefix) and key.endswith("]")}
+        if nested and name not in data:
+            data[name] = nested
+    return data
+
+
+@extend_schema_field(
+    {
+        "oneOf": [
+            {"type": "string", "enum": ["auto"]},
+            {
+                "type": "object",
+                "properties": {
+                    "type": {"type": "string", "enum": ["server_vad"]},
+                    "prefix_padding_ms": {"type": "integer"},
+                    "silence_duration_ms": {"type": "integer"},
+                    "threshold": {"type": "number"},
+                },
+                "required": ["type"],
+            },
+        ],
+        "description": "OpenAI's chunking_strategy: \"auto\" or {\"type\": \"server_vad\", ...} (as an object or JSON "
+        "text). Either one decodes Silero VAD speech windows; the server_vad tuning values are accepted and "
+        "our own VAD settings used.",
+    }
+)
+class ChunkingStrategyField(serializers.Field):
+    """OpenAI's ``chunking_strategy``: ``"auto"`` or a ``server_vad`` object; both mean VAD windows."""
+
+    default_error_messages = {"invalid": 'Must be "auto" or an object with "type": "server_vad".'}
+
+    def to_internal_value(self, data: Any) -> str:
+        if isinstance(data, str):
+            text = data.strip()
+            if text == "auto":
+                return "auto"
+            try:
+                data = json.loads(text)
+            except ValueError:
+                self.fail("invalid")
+        if isinstance(data, dict) and data.get("type") == "server_vad":
+            return "server_vad"
+        self.fail("invalid")
+        raise AssertionError  # fail() raises
+
+    def to_representation(self, value: Any) -> Any:
+        return value
+
+
+class SpeakerCountInput(serializers.Serializer):
+    """How many speakers a diarized recording has, when the client knows: exactly
+    (``num_speakers``) or bounded (``min_speakers``/``max_speakers``), as pyannote and whisperX take."""
+
+    num_speakers = serializers.IntegerField(min_value=1, max_value=20, required=False)
+    min_speakers = serializers.IntegerField(min_value=1, max_value=20, required=False)
+    max_speakers = serializers.IntegerField(min_value=1, max_value=20, required=False)
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        attrs = super().validate(attrs)
+        low, high = attrs.get("min_speakers"), attrs.get("max_speakers")
+        if attrs.get("num_speakers") is not None and (low is not None or high is not None):
+            field = "min_speakers" if low is not None else "max_speakers"
+            raise serializers.ValidationError({field: "num_speakers already fixes the count; give either num_speakers or min/max_speakers."})
+        if low is not None and high is not None and low > high:
+            raise serializers.ValidationError({"min_speakers": "min_speakers must not exceed max_speakers."})
+        return attrs
+
+
+SPEAKER_COUNT_FIELDS = ("num_speakers", "min_speakers", "max_speakers")
+
+
 class DiarizeMixin:
+    def speaker_counts(self, params: dict[str, Any], *, diarize: bool) -> dict[str, int | None]:
+        """``num_speakers``/``min_speakers``/``max_speakers`` for the job; only with diarization."""
+        given = [name for name in SPEAKER_COUNT_FIELDS if params.get(name) is not None]
+        if given and not diarize:
+            raise errors.ValidationError(
+                f"{given[0]} only applies to diarized transcription.", details=[{"field": name, "message": "needs diarization"} for name in given]
+            )
+        return {name: params.get(name) for name in SPEAKER_COUNT_FIELDS}
+
     def diarize_speakers(self, request: Request, *, diarize: bool, speaker_ids: list[str] | None) -> list[str]:
         """Check ``scaiecho:diarize`` when asked for, and that every named speaker is the tenant's."""
         if speaker_ids and not diarize:
@@ -173,7 +268,7 @@ class TranscribeApi(DiarizeMixin, TenantApiView):
     required_permission = PERM_TRANSCRIBE
     audit_action = "transcription.create"
 
-    class InputSerializer(serializers.Serializer):
+    class InputSerializer(SpeakerCountInput):
         file = serializers.FileField(allow_empty_file=True)
         language_hint = serializers.RegexField(r"^[a-z]{2}$", required=False, allow_blank=True)
         backend_preference = serializers.ChoiceField(choices=BACKEND_PREFERENCES, default="any")
@@ -181,6 +276,7 @@ class TranscribeApi(DiarizeMixin, TenantApiView):
         force_async = serializers.BooleanField(default=False)
         diarize = serializers.BooleanField(default=False)
         speaker_ids = serializers.ListField(child=serializers.CharField(), required=False)
+        vad_segmentation = serializers.BooleanField(default=True, help_text=VAD_SEGMENTATION_HELP)
 
     @extend_schema(
         operation_id="transcribe",
@@ -195,6 +291,7 @@ class TranscribeApi(DiarizeMixin, TenantApiView):
         serializer.is_valid(raise_exception=True)
         params = serializer.validated_data
         speaker_ids = self.diarize_speakers(request, diarize=params["diarize"], speaker_ids=params.get("speaker_ids"))
+        counts = self.speaker_counts(params, diarize=params["diarize"])
         data, ext = read_upload(params["file"])
         is_async = len(data) > settings.SCAIECHO_ASYNC_AUDIO_THRESHOLD_BYTES or params["force_async"]
         if not is_async:
@@ -210,6 +307,8 @@ class TranscribeApi(DiarizeMixin, TenantApiView):
             temperature=params.get("temperature"),
             diarize=params["diarize"],
             speaker_ids=speaker_ids,
+            vad_segmentation=params["vad_segmentation"],
+            **counts,
         )
         audit_record(ctx=self.actor(), action="transcription.create", resource_type="transcription_job", resource_id=str(job.id))
         if is_async:
@@ -257,7 +356,7 @@ class OpenAITranscriptionApi(DiarizeMixin, TenantApiView):
     required_permission = PERM_TRANSCRIBE
     audit_action = "transcription.create"
 
-    class InputSerializer(serializers.Serializer):
+    class InputSerializer(SpeakerCountInput):
         file = serializers.FileField(allow_empty_file=True)
         model = serializers.CharField(required=False, allow_blank=True)
         language = serializers.RegexField(r"^[a-z]{2}$", required=False, allow_blank=True)
@@ -268,6 +367,18 @@ class OpenAITranscriptionApi(DiarizeMixin, TenantApiView):
             child=serializers.ChoiceField(choices=["segment", "word"]), required=False
         )
         speaker_ids = serializers.ListField(child=serializers.CharField(), required=False)
+        chunking_strategy = ChunkingStrategyField(required=False)
+        # Our extension; OpenAI leaves a file without chunking_strategy in one block, we decode VAD
+        # windows unless told not to.
+        vad_segmentation = serializers.BooleanField(required=False, help_text=VAD_SEGMENTATION_HELP)
+
+        def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+            attrs = super().validate(attrs)
+            if attrs.get("chunking_strategy") and attrs.get("vad_segmentation") is False:
+                raise serializers.ValidationError(
+                    {"vad_segmentation": "chunking_strategy asks for VAD windows; vad_segmentation=false contradicts it."}
+                )
+            return attrs
 
     @extend_schema(
         operation_id="openai_audio_transcriptions",
@@ -275,11 +386,14 @@ class OpenAITranscriptionApi(DiarizeMixin, TenantApiView):
         responses={200: OpenApiResponse(description="json, text, srt, vtt, verbose_json or diarized_json"), 401: ErrorEnvelope, 415: ErrorEnvelope, 422: ErrorEnvelope},
     )
     def post(self, request: Request) -> Response | HttpResponse:
-        serializer = self.InputSerializer(data=form_with_lists(request.data, "timestamp_granularities", "speaker_ids"))
+        serializer = self.InputSerializer(
+            data=form_with_objects(form_with_lists(request.data, "timestamp_granularities", "speaker_ids"), "chunking_strategy")
+        )
         serializer.is_valid(raise_exception=True)
         params = serializer.validated_data
         diarize = params["response_format"] == "diarized_json"
         speaker_ids = self.diarize_speakers(request, diarize=diarize, speaker_ids=params.get("speaker_ids"))
+        counts = self.speaker_counts(params, diarize=diarize)
         granularities = params.get("timestamp_granularities") or ["segment"]
         data, ext = read_upload(params["file"])
         policy_resolve_backend(policy=policy_get_or_provision(tenant=self.tenant))
@@ -295,6 +409,8 @@ class OpenAITranscriptionApi(DiarizeMixin, TenantApiView):
             source=TranscriptionJob.Source.OPENAI,
             diarize=diarize,
             speaker_ids=speaker_ids,
+            vad_segmentation=params.get("vad_segmentation", True),
+            **counts,
         )
         audit_record(ctx=self.actor(), action="transcription.create", resource_type="transcription_job", resource_id=str(job.id))
         job = finish_inline(job)

@@ -86,6 +86,10 @@ def job_create(
     source: str = TranscriptionJob.Source.API,
     diarize: bool = False,
     speaker_ids: list[str] | None = None,
+    num_speakers: int | None = None,
+    min_speakers: int | None = None,
+    max_speakers: int | None = None,
+    vad_segmentation: bool = True,
 ) -> TranscriptionJob:
     """Stage the audio, insert the queued job, and enqueue ``process_transcribe_job`` after commit.
 
@@ -109,6 +113,10 @@ def job_create(
         prompt=prompt,
         diarize=diarize,
         speaker_ids=list(speaker_ids or []),
+        num_speakers=num_speakers,
+        min_speakers=min_speakers,
+        max_speakers=max_speakers,
+        vad_segmentation=vad_segmentation,
         audio_sha256=hashlib.sha256(data).hexdigest(),
         audio_bytes=len(data),
         audio_ext=ext,
@@ -307,6 +315,7 @@ def _transcribe(
         word_timestamps=job.word_timestamps or job.diarize,
         prompt=job.prompt or None,
         original=original,
+        vad_segmentation=job.vad_segmentation,
     )
     return engine_for_backend(backend).transcribe(samples, options=options)
 
@@ -481,21 +490,26 @@ def piece_fail_running(*, piece_id: int, error: BaseException) -> None:
 
 
 def _diarize(*, job: TranscriptionJob, audio: Any, result: TranscriptionResult) -> TranscriptionResult:
-    """Attribute the segments to the tenant's enrolled speakers (or ``SPEAKER_n``), on this worker.
+    """Attribute each word to the tenant's enrolled speakers (or ``SPEAKER_n``), on this worker,
+    by clustering the voices of the whole recording (``speakers.diarization.diarize_recording``).
 
     Whichever backend transcribed, the voices are compared here, with this worker's own speaker
-    model: no voice data goes to the relay.
+    model: no voice data goes to the relay. The transcription asked for word timestamps (see
+    ``_transcribe``) so that segments can be cut between words; they are dropped again unless
+    the client asked for them.
     """
     from scaiecho_site.engines import speaker_encoder
-    from speakers.diarization import SpeakerTracker, diarize_segments
+    from speakers.diarization import diarize_recording
     from speakers.selectors import speaker_candidates
 
-    segments = diarize_segments(
+    segments = diarize_recording(
         audio,
         result.segments,
         encoder=speaker_encoder(),
-        tracker=SpeakerTracker(),
         candidates=speaker_candidates(tenant_id=job.tenant_id, speaker_ids=job.speaker_ids),
+        num_speakers=job.num_speakers,
+        min_speakers=job.min_speakers,
+        max_speakers=job.max_speakers,
     )
     if not job.word_timestamps:
         segments = [replace(segment, words=None) for segment in segments]

@@ -8,9 +8,9 @@ project's 2-core machines it is about twice as fast as openai-whisper at half th
 Decoding follows openai-whisper's rules (timestamp tokens make segments, the temperature fallback
 schedule, "no speech" windows skipped) on windows of at most 30 s. :meth:`CTranslate2Engine.transcribe`
 cuts the audio at pauses with the Silero VAD that ships inside the faster-whisper wheel (ONNX, no
-download) and decodes ``batch_size`` of those windows per batched encoder/decoder pass, as
-faster-whisper's ``BatchedInferencePipeline`` does, but with the fallback schedule that pipeline
-lacks. :meth:`CTranslate2Engine.transcribe_batch` decodes independent windows in one pass, and
+download; :mod:`speech.engines.windows`) and decodes ``batch_size`` of those windows per batched
+encoder/decoder pass, as faster-whisper's ``BatchedInferencePipeline`` does, but with the fallback
+schedule that pipeline lacks and a guard against windows repeating earlier text. :meth:`CTranslate2Engine.transcribe_batch` decodes independent windows in one pass, and
 :meth:`CTranslate2Engine.stream_decoder` encodes a live span plus a margin instead of 30 s
 (CTranslate2's encoder accepts fewer than 3000 frames). Nothing here imports Django.
 """
@@ -21,7 +21,7 @@ import logging
 import os
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from math import ceil
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from speech.engines.base import (
     language_code,
 )
 from speech.engines.weights import PACKAGED, WeightsUnavailable, packaged_ctranslate2_dir
+from speech.engines.windows import result_from_segments, window_plan
 from speech.errors import ValidationError
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,8 @@ class CTranslate2Engine(Engine):
     folder (one holding ``model.bin``), or a name faster-whisper downloads where the host is online.
     ``device`` defaults to CUDA when CTranslate2 sees a GPU; ``compute_type`` defaults to int8 on
     the CPU and float16 on CUDA. ``batch_size`` is how many VAD windows :meth:`transcribe` decodes
-    per batched pass (1: faster-whisper's sequential decoder over the whole audio, no VAD).
+    per batched pass (1: one at a time); with ``vad_segmentation`` off in the options, faster-whisper's
+    sequential decoder reads the whole audio instead.
     Calls are serialised by ``lock``: one decode at a time uses the CPU threads best, and the
     word-timing state of a decode must not interleave with another's.
     """
@@ -218,16 +220,14 @@ class CTranslate2Engine(Engine):
         """Transcribe 16 kHz mono float32 ``samples``; raises ``ValidationError`` for a language
         this model cannot transcribe.
 
-        With ``batch_size`` above one the recording is cut at its pauses (:meth:`plan_windows`) and
-        the windows are decoded ``batch_size`` at a time; with one, faster-whisper's sequential
-        decoder reads it as ``whisper.transcribe`` does.
+        With ``options.vad_segmentation`` (the default) the recording is cut at its pauses
+        (:meth:`plan_windows`), the windows are decoded ``batch_size`` at a time, and the
+        repetition guard of :mod:`speech.engines.windows` reads them in order; without it,
+        faster-whisper's sequential decoder reads the whole file as ``whisper.transcribe`` does.
         """
-        if self.batch_size > 1:
+        if options.vad_segmentation:
             plan = self.plan_windows(samples, options=options)
-            results: list[TranscriptionResult] = []
-            for first in range(0, len(plan.windows), self.batch_size):
-                results += self.transcribe_batch(plan.windows[first : first + self.batch_size], options=plan.options)
-            return plan.join(results)
+            return plan.join(self._decode_in_batches(plan.windows, plan.options))
         language = self._language_code(options.language)
         samples = np.asarray(samples, dtype=np.float32).reshape(-1)
         duration_s = samples.size / SAMPLE_RATE
@@ -236,6 +236,12 @@ class CTranslate2Engine(Engine):
         with self.lock:
             segments, detected = self._transcribe_sequential(self._load_locked(), samples, language, options)
         return _result(segments, duration_s=duration_s, language=language, detected=detected)
+
+    def _decode_in_batches(self, windows: list[np.ndarray], options: TranscribeOptions) -> list[TranscriptionResult]:
+        results: list[TranscriptionResult] = []
+        for first in range(0, len(windows), self.batch_size):
+            results += self.transcribe_batch(windows[first : first + self.batch_size], options=options)
+        return results
 
     def _transcribe_sequential(
         self, model: Any, samples: np.ndarray, language: str | None, options: TranscribeOptions
@@ -275,57 +281,23 @@ class CTranslate2Engine(Engine):
         ]
         return segments, info.language
 
-    def plan_windows(self, samples: np.ndarray, *, options: TranscribeOptions) -> WindowPlan:
-        """Cut at pauses (Silero VAD) and join the speech into windows of up to 30 s; the join maps
-        the windows' times back to the original audio.
+    def plan_windows(self, samples: np.ndarray, *, options: TranscribeOptions) -> WindowPlan | None:
+        """Cut at pauses (Silero VAD) into windows of speech of up to 25 s (:mod:`speech.engines.windows`);
+        the join guards against repetition and maps the windows' times back to the recording.
+        ``None`` when ``options.vad_segmentation`` is off: the whole file is decoded then.
 
         When no language is given, it is detected once, on the first window of speech (as
         ``whisper.transcribe`` does), and every window is decoded in it.
         """
-        from faster_whisper.vad import SpeechTimestampsMap, VadOptions, collect_chunks, get_speech_timestamps
-
-        language = self._language_code(options.language)
-        samples = np.asarray(samples, dtype=np.float32).reshape(-1)
-        duration_s = samples.size / SAMPLE_RATE
-        speech = [] if _is_silent(samples) else get_speech_timestamps(
-            samples, VadOptions(max_speech_duration_s=_WINDOW_S, min_silence_duration_ms=160)
+        if not options.vad_segmentation:
+            return None
+        return window_plan(
+            samples,
+            options=options,
+            language=self._language_code(options.language),
+            detect_language=self._detect_language,
+            decode=lambda windows, window_options: self._decode_in_batches(windows, window_options),
         )
-        chunks: list[np.ndarray] = []
-        if speech:
-            chunks = [chunk for chunk in collect_chunks(samples, speech, max_duration=_WINDOW_S)[0] if chunk.size]
-        if chunks and language is None:
-            language = self._detect_language(chunks[0])
-        offsets = np.cumsum([0] + [chunk.size for chunk in chunks])[:-1] / SAMPLE_RATE
-        requested = self._language_code(options.language)
-
-        def join(results: list[TranscriptionResult]) -> TranscriptionResult:
-            ts_map = SpeechTimestampsMap(speech, SAMPLE_RATE) if speech else None
-            segments: list[Segment] = []
-            for offset, window in zip(offsets, results, strict=True):
-                for segment in window.segments:
-                    words = None
-                    if segment.words is not None:
-                        words = []
-                        for w in segment.words:
-                            start, end = offset + w.start, offset + w.end
-                            chunk_index = ts_map.get_chunk_index((start + end) / 2)
-                            words.append(
-                                Word(
-                                    start=ts_map.get_original_time(start, chunk_index),
-                                    end=ts_map.get_original_time(end, chunk_index),
-                                    word=w.word,
-                                    probability=w.probability,
-                                )
-                            )
-                    if words:
-                        start, end = words[0].start, words[-1].end
-                    else:
-                        start = ts_map.get_original_time(offset + segment.start)
-                        end = ts_map.get_original_time(offset + segment.end, is_end=True)
-                    segments.append(replace(segment, start=start, end=end, words=words))
-            return _result(segments, duration_s=duration_s, language=requested, detected=language)
-
-        return WindowPlan(windows=chunks, options=replace(options, language=language), join=join)
 
     def _detect_language(self, window: np.ndarray) -> str:
         with self.lock:
@@ -562,35 +534,8 @@ def _segments(window: _Decoded, duration: float) -> list[Segment]:
 def _result(
     segments: list[Segment], *, duration_s: float, language: str | None, detected: str | None
 ) -> TranscriptionResult:
-    """Our result from the segments, with times clamped to the audio and empty segments dropped.
-
-    When nothing was heard the detected language is noise, so only a requested one is reported.
-    """
-
-    def clamp(value: float) -> float:
-        return round(min(max(float(value), 0.0), duration_s), 3)
-
-    kept = []
-    for segment in segments:
-        if not segment.text:
-            continue
-        words = segment.words
-        if words is not None:
-            words = [Word(clamp(w.start), clamp(w.end), w.word, w.probability) for w in words if w.word]
-        kept.append(
-            Segment(
-                start=clamp(segment.start),
-                end=clamp(segment.end),
-                text=segment.text,
-                words=words,
-                avg_logprob=segment.avg_logprob,
-                no_speech_prob=segment.no_speech_prob,
-            )
-        )
-    text = " ".join(segment.text for segment in kept).strip()
-    return TranscriptionResult(
-        text=text, language=(detected or language) if text else language, duration_s=duration_s, segments=kept
-    )
+    """Our result from the segments, with times clamped to the audio and empty segments dropped."""
+    return result_from_segments(segments, duration_s=duration_s, language=language, detected=detected)
 
 
 class ShortWindowCTranslate2(Engine):

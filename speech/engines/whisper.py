@@ -22,8 +22,9 @@ from whisper.timing import find_alignment
 from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE, get_tokenizer
 
 from speech.audio import SAMPLE_RATE
-from speech.engines.base import Engine, Segment, TranscribeOptions, TranscriptionResult, Word
+from speech.engines.base import Engine, Segment, TranscribeOptions, TranscriptionResult, WindowPlan, Word
 from speech.engines.weights import LoadedModel, load_whisper_model
+from speech.engines.windows import window_plan
 from speech.errors import ValidationError
 
 # openai-whisper's own fallback schedule: retry a window at rising temperature when greedy
@@ -95,7 +96,47 @@ class WhisperEngine(Engine):
         model detect it. ``temperature`` ``None`` uses Whisper's fallback schedule, a number
         decodes at that temperature only. Raises ``ValidationError`` for a language this model
         cannot transcribe.
+
+        With ``options.vad_segmentation`` (the default) the recording's speech windows
+        (:meth:`plan_windows`) are decoded each on its own, in batches, and the repetition guard
+        of :mod:`speech.engines.windows` reads them in order; without it ``whisper.transcribe`` runs over
+        the whole file, seeking window by window.
         """
+        plan = self.plan_windows(samples, options=options)
+        if plan is not None:
+            return plan.join(self._decode_plan(plan.windows, plan.options))
+        return self._transcribe_whole(samples, options=options)
+
+    def plan_windows(self, samples: np.ndarray, *, options: TranscribeOptions) -> WindowPlan | None:
+        """Silero VAD's speech windows of up to 25 s (:mod:`speech.engines.windows`), decoded in one
+        language (the requested one, or detected on the first window); ``None`` when
+        ``options.vad_segmentation`` is off."""
+        if not options.vad_segmentation:
+            return None
+        return window_plan(
+            samples,
+            options=options,
+            language=self._language_code(options.language),
+            detect_language=self._detect_language,
+            decode=self._decode_plan,
+        )
+
+    def _decode_plan(self, windows: list[np.ndarray], options: TranscribeOptions) -> list[TranscriptionResult]:
+        if not windows:
+            return []
+        return self.transcribe_batch(windows, options=options)
+
+    def _detect_language(self, window: np.ndarray) -> str:
+        with self.lock, torch.inference_mode():
+            model = self._load_locked().model
+            if not model.is_multilingual:
+                return "en"
+            mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(window), model.dims.n_mels)
+            _, probs = model.detect_language(mel.to(model.device, dtype=model.encoder.conv1.weight.dtype))
+            return str(max(probs, key=probs.get))
+
+    def _transcribe_whole(self, samples: np.ndarray, *, options: TranscribeOptions) -> TranscriptionResult:
+        """``whisper.transcribe`` over the whole of ``samples`` (no VAD)."""
         language_code = self._language_code(options.language)
         temperature, word_timestamps = options.temperature, options.word_timestamps
         samples = np.asarray(samples, dtype=np.float32).reshape(-1)
@@ -142,14 +183,14 @@ class WhisperEngine(Engine):
         window.
         """
         if (options.beam_size or 1) > 1:
-            return [self.transcribe(window, options=options) for window in windows]
+            return [self._transcribe_whole(window, options=options) for window in windows]
         language = self._language_code(options.language)
         prepared = [np.asarray(window, dtype=np.float32).reshape(-1) for window in windows]
         results: list[TranscriptionResult | None] = [None] * len(prepared)
         batch: list[int] = []
         for index, samples in enumerate(prepared):
             if samples.size > _WINDOW_SAMPLES:
-                results[index] = self.transcribe(samples, options=options)
+                results[index] = self._transcribe_whole(samples, options=options)
             elif samples.size == 0 or float(np.max(np.abs(samples))) < _SILENCE_PEAK:
                 results[index] = TranscriptionResult(
                     text="", language=language, duration_s=samples.size / SAMPLE_RATE, segments=[]

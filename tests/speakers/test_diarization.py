@@ -6,13 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from speakers.diarization import SpeakerTracker, diarize_segments
+from speakers.diarization import SpeakerTracker, diarize_recording
 from speakers.selectors import Candidate
 from speech.audio import decode_audio
 from speech.engines.base import Segment, Word
 from tests.speakers.voices import ALICE, BORIS, CARL, REFERENCE_TEXT, say
 
 SYNTHETIC_THRESHOLD = 0.6  # espeak voices are more alike than people; see tests/workers.py
+SYNTHETIC_CLUSTER_THRESHOLD = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +44,9 @@ def test_a_segment_with_a_change_of_speaker_is_split_at_the_change(encoder, cand
         text=f"{alice_text} {boris_text}",
         words=words_over(alice_text, 0.0, change) + words_over(boris_text, change, audio.size / 16000),
     )
-    tracker = SpeakerTracker(match_threshold=SYNTHETIC_THRESHOLD, anon_threshold=SYNTHETIC_THRESHOLD)
-    pieces = diarize_segments(audio, [segment], encoder=encoder, tracker=tracker, candidates=candidates)
+    pieces = diarize_recording(
+        audio, [segment], encoder=encoder, candidates=candidates, match_threshold=SYNTHETIC_THRESHOLD, cluster_threshold=SYNTHETIC_CLUSTER_THRESHOLD
+    )
     assert [piece.speaker_label for piece in pieces] == ["Alice", "Boris"]
     assert [piece.speaker_id for piece in pieces] == ["id-Alice", "id-Boris"]
     assert abs(pieces[1].start - change) <= 0.8
@@ -56,8 +58,9 @@ def test_a_segment_with_a_change_of_speaker_is_split_at_the_change(encoder, cand
 def test_one_speakers_long_segment_stays_whole(encoder, candidates):
     audio = decode_audio(say(ALICE, REFERENCE_TEXT)).samples
     segment = Segment(start=0.0, end=audio.size / 16000, text=REFERENCE_TEXT, words=words_over(REFERENCE_TEXT, 0.0, audio.size / 16000))
-    tracker = SpeakerTracker(match_threshold=SYNTHETIC_THRESHOLD, anon_threshold=SYNTHETIC_THRESHOLD)
-    [whole] = diarize_segments(audio, [segment], encoder=encoder, tracker=tracker, candidates=candidates)
+    [whole] = diarize_recording(
+        audio, [segment], encoder=encoder, candidates=candidates, match_threshold=SYNTHETIC_THRESHOLD, cluster_threshold=SYNTHETIC_CLUSTER_THRESHOLD
+    )
     assert (whole.speaker_label, whole.text) == ("Alice", REFERENCE_TEXT)
 
 
