@@ -15,11 +15,17 @@ level k in ``--sessions``, opens k WebSocket sessions at once. Each sends its co
 100 ms ``audio/pcm`` frames at real-time pace (frame i leaves at t0 + (i + 1) * 0.1 s, sleeping to
 that deadline), then ``close``, and records the arrival time of every frame the server sends.
 
-Per session and utterance (stream times relative to the session's t0; deltas are matched to
-utterances by the overlap of their ``start``/``end`` with the utterance's [start, end]):
+``--set conversations`` streams the real-speech conversations of :mod:`tests.conversations`
+instead (2-4 real people taking turns with 0.1-0.8 s gaps, some overlap and back-channel; the
+issue's evaluation set; ``--band phone`` for their 8 kHz variant): session i streams conversation i.
 
-- final latency: arrival of the last final delta of the utterance − (t0 + utterance end),
-- first partial: arrival of the first delta of the utterance − (t0 + utterance start),
+Per session and reference utterance (stream times relative to the session's t0):
+
+- final latency: arrival of the first final delta that covers the utterance's end (the first whose
+  ``end`` reaches the utterance's end, less ``COVER_SLACK_S`` for word times) − (t0 + utterance end),
+  so a final that spans two utterances counts for both,
+- first partial (deltas matched to utterances by the overlap of their ``start``/``end``):
+  arrival of the first delta of the utterance − (t0 + utterance start),
 - last utterance: its final latency, and its final's arrival relative to ``close``,
 - WER of the joined finals against the clips' text (the service's own WER),
 - lag growth: mean final latency of the last third of utterances − that of the first third.
@@ -62,6 +68,9 @@ FRAME_S = 0.1
 GAP_S = 1.2
 TRAIL_S = 1.0
 LEAD_S = 0.5  # silence before the first utterance, so the VAD sees a speech onset
+# A final "covers" an utterance's end when its end is at most this much before it: a final cut
+# after the last word ends at that word's (approximate) end time.
+COVER_SLACK_S = 0.3
 
 # Targets from the issue (seconds).
 FINAL_P50_TARGET = 1.5
@@ -94,6 +103,21 @@ def make_conversations(k: int, utterances: int, *, offset: int = 0) -> list[Conv
     return [Conversation(rec.pcm(), rec.texts, rec.spans) for rec in recs]
 
 
+def real_conversations(k: int, band: str) -> list[Conversation]:
+    """The first ``k`` transcribed conversations of the real-speech set (repeated when k is larger),
+    with ``LEAD_S`` of silence before and ``TRAIL_S`` after."""
+    from tests.conversations import conversations
+
+    convs = conversations(band=band)  # type: ignore[arg-type]
+    out = []
+    for i in range(k):
+        conv = convs[i % len(convs)]
+        samples = np.concatenate([np.zeros(int(LEAD_S * RATE), np.float32), conv.samples, np.zeros(int(TRAIL_S * RATE), np.float32)])
+        pcm = (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2").tobytes()
+        out.append(Conversation(pcm, [t.text or "" for t in conv.turns], [(t.start + LEAD_S, t.end + LEAD_S) for t in conv.turns]))
+    return out
+
+
 # --- One session -----------------------------------------------------------------------------------
 
 
@@ -110,6 +134,7 @@ class SessionResult:
     t_close: float = 0.0  # perf_counter when close was sent
     frames: list[Received] = field(default_factory=list)
     send_late_max: float = 0.0  # worst oversleep of the sender against its deadlines
+    ready_s: float = 0.0  # open sent -> ready received
     error: str | None = None
 
     # derived
@@ -127,9 +152,15 @@ class SessionResult:
         deltas = [r for r in self.frames if r.frame.get("type") == "delta"]
         self.n_partials = sum(not r.frame["is_final"] for r in deltas)
         self.n_finals = sum(bool(r.frame["is_final"]) for r in deltas)
-        last_final: list[float | None] = [None] * len(spans)
         first_any: list[float | None] = [None] * len(spans)
+        covered: list[float | None] = [None] * len(spans)
+        last_final_t: float | None = None
         for r in deltas:
+            if r.frame["is_final"] and r.frame["text"].strip():
+                last_final_t = r.t
+                for i, (_, ue) in enumerate(spans):
+                    if covered[i] is None and float(r.frame["end"]) >= ue - COVER_SLACK_S:
+                        covered[i] = r.t
             s, e = float(r.frame["start"]), float(r.frame["end"])
             overlaps = [min(e, ue) - max(s, us) for us, ue in spans]
             best = max(range(len(spans)), key=lambda i: overlaps[i])
@@ -143,12 +174,10 @@ class SessionResult:
                     self.stray_finals += 1
             if first_any[best] is None:
                 first_any[best] = r.t
-            if r.frame["is_final"]:
-                last_final[best] = r.t
-        self.final_lat = [None if t is None else t - (self.t0 + ue) for t, (_, ue) in zip(last_final, spans, strict=True)]
+        self.final_lat = [None if t is None else t - (self.t0 + ue) for t, (_, ue) in zip(covered, spans, strict=True)]
         self.first_partial = [None if t is None else t - (self.t0 + us) for t, (us, _) in zip(first_any, spans, strict=True)]
-        if last_final[-1] is not None:
-            self.last_vs_close = last_final[-1] - self.t_close
+        if covered[-1] is not None and last_final_t is not None:
+            self.last_vs_close = last_final_t - self.t_close
         text = " ".join(r.frame["text"] for r in deltas if r.frame["is_final"])
         self.transcript = text
         self.wer = word_error_rate(" ".join(self.conv.sentences), text)
@@ -188,8 +217,10 @@ async def run_session(url: str, conv: Conversation, start_at: float, result: Ses
         delay = start_at - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
+        opened = time.perf_counter()
         await ws.send(json.dumps({"type": "open", "media_type": "audio/pcm", "sample_rate": RATE, "language_hint": "en"}))
         ready = json.loads(await asyncio.wait_for(ws.recv(), 120))
+        result.ready_s = time.perf_counter() - opened
         if ready.get("type") != "ready":
             raise RuntimeError(f"expected ready, got {ready}")
         read_task = asyncio.create_task(reader(ws))
@@ -378,6 +409,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.stream", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sessions", default="1,2,3,6", help="concurrency levels, comma-separated (default 1,2,3,6)")
     parser.add_argument("--utterances", type=int, default=6, help="utterances per conversation (default 6)")
+    parser.add_argument("--set", dest="speech_set", choices=("clips", "conversations"), default="clips",
+                        help="clips: --utterances clips 1.2 s apart (default); conversations: the real-speech"
+                             " conversations of tests.conversations (0.1-0.8 s gaps, overlap, back-channel)")
+    parser.add_argument("--redis", default=None, metavar="URL",
+                        help="run with REDIS_URL=URL and a separate `manage.py stream_worker` process"
+                             " (default: the embedded mode, the web process runs the stream worker)")
+    parser.add_argument("--band", choices=("wideband", "phone"), default="wideband",
+                        help="with --set conversations: wideband (16 kHz) or phone (8 kHz) variant")
     parser.add_argument("--model", default="base", help="Whisper model (default base)")
     parser.add_argument("--engine", default=None,
                         help="SCAIECHO_WHISPER_ENGINE for the server: ctranslate2 or openai-whisper (default: the settings')")
@@ -432,7 +471,10 @@ def largest(done: list[Level], ok: Callable[[Level], bool]) -> int:
 def _run(args: argparse.Namespace, levels: list[int], tmp: Path, procs: list[Proc]) -> list[Level]:
     t_start = time.perf_counter()
     n = args.utterances
-    convs = make_conversations(max(levels), n)
+    if args.speech_set == "conversations":
+        convs = real_conversations(max(levels), args.band)
+    else:
+        convs = make_conversations(max(levels), n)
     warm = make_conversations(1, 1, offset=max(levels) * n)[0]
     defaults = server_defaults()
     engine = args.engine or defaults.engine
@@ -451,12 +493,23 @@ def _run(args: argparse.Namespace, levels: list[int], tmp: Path, procs: list[Pro
         "LOG_LEVEL": "INFO",
         "PYTHONUNBUFFERED": "1",
     })
+    if args.redis:
+        env["REDIS_URL"] = args.redis
     manage(env, "migrate", "--noinput", "-v", "0")
     key = manage(env, "create_api_key", "--tenant", "bench", "--user", "bench", "--role", "tenant_admin")
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     server = Proc("server", [sys.executable, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload"], env, tmp)
     procs.append(server)
+    if args.redis:
+        worker = Proc("stream_worker", [sys.executable, "manage.py", "stream_worker"], env, tmp)
+        procs.append(worker)
+        deadline = time.monotonic() + 120
+        while b" ready" not in worker.log_path.read_bytes():
+            worker.check()
+            if time.monotonic() > deadline:
+                raise RuntimeError("stream worker not ready within 120 s")
+            time.sleep(0.3)
     deadline = time.monotonic() + 120
     while True:
         server.check()
@@ -478,16 +531,20 @@ def _run(args: argparse.Namespace, levels: list[int], tmp: Path, procs: list[Pro
     warm_result = asyncio.run(run_level(url, [warm]))[0]
     if warm_result.error:
         raise RuntimeError(f"warm-up stream failed: {warm_result.error}\n{server.log_path.read_text()[-3000:]}")
+    mode = f"Redis {args.redis} + a separate stream worker" if args.redis else "embedded stream worker (no REDIS_URL)"
+    print(f"{mode}; {'the real-speech conversations (' + args.band + ')' if args.speech_set == 'conversations' else 'clips'}")
     print(f"engine {engine}, model {args.model} on {args.device}, {args.threads} inference thread(s); real speech,"
           f" {n} utterances per session, {convs[0].duration:.1f} s of audio in session 1;"
-          f" warm-up stream (model load) {time.perf_counter() - t0:.1f} s; setup {time.perf_counter() - t_start:.1f} s")
+          f" first stream after start-up: ready in {warm_result.ready_s:.2f} s, first delta"
+          f" {'--' if not warm_result.first_partial or warm_result.first_partial[0] is None else f'{warm_result.first_partial[0]:.2f}'} s"
+          f" after its speech began, whole stream {time.perf_counter() - t0:.1f} s; setup {time.perf_counter() - t_start:.1f} s")
     if not corpus.has_asterisk():
         print(f"note: only the LibriVox clips are installed, so sessions repeat them; for more: {corpus.INSTALL_HINT}")
     print("latencies: seconds from the end (final) / start (first partial) of each utterance in the stream;"
           " 'late' = sender's worst oversleep")
 
     done: list[Level] = []
-    pid = [server.process.pid]
+    pid = [proc.process.pid for proc in procs]  # the server, and the stream worker with --redis
     for k in levels:
         server.check()
         c0, w0, s0, m0 = tree_cpu_s(pid), time.perf_counter(), system_busy_s(), tree_cpu_s([os.getpid()])

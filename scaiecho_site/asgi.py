@@ -12,8 +12,12 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from scaiecho_site.checks import enforce_startup_checks  # noqa: E402
 from scaiecho_site.routing import websocket_urlpatterns  # noqa: E402
 from streaming.middleware import TokenScopeMiddleware  # noqa: E402
+from streaming.worker import preload_embedded_worker  # noqa: E402
 
 enforce_startup_checks()
+# With the embedded defaults this process runs the stream worker: load its model now, while the
+# server starts, not when the first stream is waiting for it.
+preload_embedded_worker()
 
 application = ProtocolTypeRouter(
     {

@@ -6,7 +6,12 @@ since the last final) is decoded about every ``partial_interval`` seconds and it
 as a partial. Two consecutive decodes that agree on a word prefix confirm it (LocalAgreement-2);
 a confirmed prefix ending at a clause boundary, or any confirmed prefix once the span is longer
 than ``chunk_seconds``, becomes a final and the audio is cut after its last word. A pause of
-``silence_seconds`` finalizes the whole span. Finals are never changed or sent again.
+``silence_seconds`` (0.3 s: the short pauses of natural turn-taking, not only long silences)
+finalizes the whole span; the span is decoded as soon as the pause begins, so that final usually
+costs no decode of its own. No final spans more than ``max_span_seconds`` (the decoder reads at
+most 30 s), and a final decode that comes back much shorter than the partial before it (Whisper
+looping on one word, or skipping what the prompt already said) gives way to that partial's words:
+text heard once is never dropped. Finals are never changed or sent again.
 
 Cost: openai-whisper always encodes a 30 s window, about 2-3 s of compute on one core of the
 2-core machines this runs on, whatever the span's length. :class:`ShortWindowWhisper` encodes only
@@ -31,6 +36,12 @@ from speech.vad import VAD_FRAME, Vad
 
 # Spans shorter than this are decoded without the previous text as a prompt (see ``_decode``).
 PROMPT_MIN_SECONDS = 2.0
+# A pause this long after speech is decoded at once, so the final at ``silence_seconds`` reuses it.
+PAUSE_DECODE_SECONDS = 0.15
+# Conversational speech runs at 2-3 words a second: a final decode of at least this much speech
+# with fewer words than ``MIN_WORDS_PER_SECOND`` per second is suspect (see ``_decode_checked``).
+SHORT_CHECK_SECONDS = 3.0
+MIN_WORDS_PER_SECOND = 0.6
 
 # Whisper's well-known inventions for silence, music and noise (its training data's subtitles).
 HALLUCINATIONS = (
@@ -123,7 +134,8 @@ class StreamSession:
         engine: Any,
         *,
         chunk_seconds: float = 5.0,
-        silence_seconds: float = 0.5,
+        silence_seconds: float = 0.3,
+        max_span_seconds: float = 25.0,
         partial_interval: float = 1.0,
         language: str | None = "en",
         start_threshold: float = 0.5,
@@ -141,6 +153,8 @@ class StreamSession:
         self.decoder = decoder or engine.stream_decoder()
         self.chunk_seconds = chunk_seconds
         self.silence_seconds = silence_seconds
+        # Below the decoder's 30 s window, and never above what chunk_seconds lets grow.
+        self.max_span = int(min(max_span_seconds, 28.0) * SAMPLE_RATE)
         self.partial_interval = partial_interval
         self.language = language
         self.start_threshold = start_threshold
@@ -183,6 +197,10 @@ class StreamSession:
         for i in range(n):
             frame = self._pending[i * VAD_FRAME : (i + 1) * VAD_FRAME]
             deltas += self._frame(frame)
+            if self._in_speech and self._span_len >= self.max_span:
+                # However far behind the caller is, and however much audio one call brings: a
+                # longer span would not fit the decoder's window.
+                deltas += self._cut_long_span()
         self._pending = self._pending[n * VAD_FRAME :]
         if self._in_speech and self._speech_len >= self.min_speech and self._partial_due(now):
             deltas += self._decode_partial()
@@ -200,7 +218,8 @@ class StreamSession:
         # A pause has begun and the last decode missed the end of the speech: decode now, so the
         # final at the end of the pause can reuse this decode instead of starting one.
         speech_end = self._span_len - self._silence_run
-        return self._silence_run >= 0.2 * SAMPLE_RATE and self._last_decode_len < speech_end
+        pause = min(PAUSE_DECODE_SECONDS, self.silence_seconds / 2)
+        return self._silence_run >= pause * SAMPLE_RATE and self._last_decode_len < speech_end
 
 
     def finalize(self) -> list[Delta]:
@@ -258,11 +277,11 @@ class StreamSession:
         self._span = [audio]
         return audio
 
-    def _decode(self, audio: np.ndarray, *, word_timestamps: bool) -> _Hypothesis:
+    def _decode(self, audio: np.ndarray, *, word_timestamps: bool, use_prompt: bool = True) -> _Hypothesis:
         started = self._clock()
         # On a short span Whisper tends to echo the prompt (the previous utterance) as if it were
         # heard again; the prompt helps only once there is audio enough to outweigh it.
-        prompt = (self._context[-200:] or None) if audio.size >= PROMPT_MIN_SECONDS * SAMPLE_RATE else None
+        prompt = (self._context[-200:] or None) if use_prompt and audio.size >= PROMPT_MIN_SECONDS * SAMPLE_RATE else None
         result = self.decoder.transcribe(
             audio,
             options=TranscribeOptions(
@@ -320,7 +339,7 @@ class StreamSession:
         # boundary, or a span past chunk_seconds.
         previous = self._previous or []
         want_times = span_s >= self.chunk_seconds or any(_CLAUSE_END.search(w.word) for w in previous[:-1])
-        hyp = self._decode(audio, word_timestamps=want_times)
+        hyp = self._decode_checked(audio, word_timestamps=want_times)
         deltas: list[Delta] = []
         if want_times and self._previous is not None:
             deltas += self._commit_agreed(hyp, span_s)
@@ -354,6 +373,11 @@ class StreamSession:
         if cut == 0:
             self._previous = hyp.words
             return []
+        return self._cut(hyp, cut)
+
+    def _cut(self, hyp: _Hypothesis, cut: int) -> list[Delta]:
+        """Finalize ``hyp``'s first ``cut`` words and drop the audio up to the last one's end; the
+        rest of the hypothesis stays the span's partial."""
         committed = hyp.words[:cut]
         cut_samples = min(int(committed[-1].end * SAMPLE_RATE), self._span_len)
         if cut_samples <= 0:
@@ -365,12 +389,35 @@ class StreamSession:
         self._span_start += cut_samples
         self._span_len = audio.size
         self._last_decode_len = self._span_len
-        self._speech_len = max(0, self._speech_len - cut_samples)
+        # Whatever follows the cut is the speaker going on (word times are approximate, and padding
+        # counts as no speech): its words must not be dropped as too little speech at the pause.
+        self._speech_len = max(self._speech_len - cut_samples, self._span_len - self._silence_run, 0)
         self._previous = [
             Word(start=max(0.0, w.start - cut_samples / SAMPLE_RATE), end=max(0.0, w.end - cut_samples / SAMPLE_RATE), word=w.word)
             for w in hyp.words[cut:]
         ]
         return [delta] if delta else []
+
+    def _cut_long_span(self) -> list[Delta]:
+        """The span reached ``max_span_seconds`` without a pause or a confirmed cut (the caller is
+        behind, so partials were skipped): finalize all but its last word, which may be cut off."""
+        audio = self._audio()
+        hyp = self._decode_checked(audio, word_timestamps=True)
+        self._last_decode_len = self._span_len
+        words = [w for w in hyp.words if w.end > 0]
+        if len(words) < 2 or words[-2].end * SAMPLE_RATE < self._span_len / 3:
+            # Few words, or word times that would cut off too little: all of it is the final.
+            delta = self._final(hyp.words, self._span_start + self._span_len, hyp.confidence)
+            self._span_start += self._span_len
+            self._span = []
+            self._span_len = 0
+            self._speech_len = 0
+            self._previous = None
+            self._last_hyp = None
+            return [delta] if delta else []
+        deltas = self._cut(_Hypothesis(words, hyp.confidence), len(words) - 1)
+        self._last_hyp = _Hypothesis(self._previous or [], hyp.confidence)
+        return deltas
 
     def _end_utterance(self) -> list[Delta]:
         """A pause (or a flush): decode the span once more and finalize all of it."""
@@ -379,10 +426,10 @@ class StreamSession:
         keep = min(audio.size, max(0, audio.size - self._silence_run + self.pad))
         audio = audio[:keep]
         deltas: list[Delta] = []
-        if self._speech_len >= self.min_speech and audio.size:
+        if (self._speech_len >= self.min_speech or self._previous) and audio.size:
             hyp = self._last_hyp
-            if hyp is None or self._last_decode_len < audio.size - self.pad:
-                hyp = self._decode(audio, word_timestamps=False)
+            if hyp is None or self._last_decode_len < audio.size - self.pad or self._too_short(hyp):
+                hyp = self._decode_final(audio)
             delta = self._final(hyp.words, self._span_start + audio.size, hyp.confidence)
             if delta:
                 deltas.append(delta)
@@ -395,6 +442,35 @@ class StreamSession:
         self._last_hyp = None
         self._history = np.zeros(0, dtype=np.float32)  # no padding taken from before this end
         return deltas
+
+    def _too_short(self, hyp: _Hypothesis) -> bool:
+        speech_s = self._speech_len / SAMPLE_RATE
+        return speech_s >= SHORT_CHECK_SECONDS and len(hyp.words) < MIN_WORDS_PER_SECOND * speech_s
+
+    def _decode_checked(self, audio: np.ndarray, *, word_timestamps: bool) -> _Hypothesis:
+        """Decode, and again without the prompt when the answer has too few words for the speech.
+
+        Whisper now and then answers a long span with a word or two: a loop cut back by
+        ``_cut_repetition``, or the prompt's last words echoed ("Rear, Last," then "Last," for
+        eight seconds of someone else speaking). Without the prompt it hears the span afresh; the
+        longer answer is kept.
+        """
+        hyp = self._decode(audio, word_timestamps=word_timestamps)
+        if self._too_short(hyp) and self._context and audio.size >= PROMPT_MIN_SECONDS * SAMPLE_RATE:
+            retry = self._decode(audio, word_timestamps=word_timestamps, use_prompt=False)
+            if len(retry.words) > len(hyp.words):
+                hyp = retry
+        return hyp
+
+    def _decode_final(self, audio: np.ndarray) -> _Hypothesis:
+        """The span's last decode, guarded against losing what was heard: checked as every decode
+        is (``_decode_checked``), and if still much shorter than the partial before it, the
+        partial's words are the final."""
+        hyp = self._decode_checked(audio, word_timestamps=False)
+        partial = self._previous or []
+        if len(hyp.words) < 0.6 * len(partial) and len(partial) - len(hyp.words) >= 3:
+            hyp = _Hypothesis(list(partial), hyp.confidence)
+        return hyp
 
     def _final(self, words: list[Word], end_sample: int, confidence: float | None) -> Delta | None:
         text = " ".join(w.word for w in words).strip()

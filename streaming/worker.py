@@ -4,8 +4,13 @@ Web processes (a :class:`~streaming.sessions.WorkerSession` per stream) send a s
 the worker's channel on the channel layer; the worker runs each session's
 :class:`~speech.transcriber.StreamSession` and sends the deltas back to the session's ``reply_to``
 channel. With ``REDIS_URL`` set, web processes and stream workers are
-separate processes (``python manage.py stream_worker``), any number of each; with the embedded
-in-memory channel layer, one worker runs inside the web process, started by the first stream.
+separate processes (``python manage.py stream_worker``, which loads its models before it says
+``ready``), any number of each; with the embedded in-memory channel layer, one worker runs inside
+the web process: :func:`preload_embedded_worker` (called by ``asgi.py`` at start-up) loads and
+warms its models in a thread while the server starts, and the first stream starts the worker on
+the server's event loop without waiting for a model. Decodes run in the lanes' threads; the
+engines release the GIL while they compute, so the event loop keeps reading frames on time
+(``tests/streaming/test_conversation_stream.py`` measures it).
 
 A session stays on the inference lane with the fewest sessions when it opens. On a lane each feed
 is a short unit of work, queued in arrival order, so one busy session cannot starve the others.
@@ -36,6 +41,7 @@ import asyncio
 import logging
 import os
 import socket
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -115,15 +121,30 @@ class _Session:
     transcriber: Any
     lane: _Lane
     started: float | None = None  # when the first audio arrived: the stream clock's zero
+    # Audio as it reaches the worker (before it waits for its lane): when the first arrived, how
+    # many seconds have arrived, and the most they ran behind real time. A web process that reads
+    # its client's frames late shows here, whatever the decodes cost.
+    first_arrival: float | None = None
+    audio_s: float = 0.0
+    late_max: float = 0.0
+
+    def arrived(self, seconds: float) -> None:
+        now = time.monotonic()
+        if self.first_arrival is None:
+            self.first_arrival = now
+        self.late_max = max(self.late_max, now - self.first_arrival - self.audio_s)
+        self.audio_s += seconds
     inbox: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
     task: asyncio.Task[None] | None = None
     speakers: _Speakers | None = None
 
 
 class StreamWorker:
-    def __init__(self, *, engine: Any = None, lanes: int | None = None) -> None:
+    def __init__(self, *, engine: Any = None, lanes: int | None = None, preloaded: bool = False) -> None:
         self.layer = get_channel_layer()
         self.engine = engine
+        # The embedded worker takes the engines :func:`preload_embedded_worker` loaded at start-up.
+        self.preloaded = preloaded
         self.sessions: dict[str, _Session] = {}
         # An explicit lane count, or the settings' once the device is known (see ``start``).
         self.lane_count = lanes
@@ -166,6 +187,9 @@ class StreamWorker:
         from scaiecho_site.engines import build_engine, whisper_engine
         from speech.vad import load_vad
 
+        if self.preloaded and self.engine is None:
+            lane.engine = _lane_engine(index)
+            return
         if index == 0:
             lane.engine = self.engine or whisper_engine()
         else:  # each further lane has a model of its own, so decodes run side by side
@@ -253,6 +277,8 @@ class StreamWorker:
             if reply_to:
                 await self.send(reply_to, {"type": "stream.error", "code": "BACKEND_ERROR", "message": "Unknown stream session."})
             return
+        if message.get("type") == "session.audio":
+            session.arrived(len(message["pcm"]) / 2 / SAMPLE_RATE)
         session.inbox.put_nowait(message)
 
     async def open(self, session_id: str, message: dict[str, Any]) -> None:
@@ -312,13 +338,22 @@ class StreamWorker:
                     continue
                 for delta in deltas:
                     fields = asdict(delta)
-                    if session.speakers is not None:
-                        fields.update(await self._attribute(session.speakers, delta))
-                    await self.send(session.reply_to, {"type": "stream.delta", **fields})
+                    if session.speakers is None:
+                        await self.send(session.reply_to, {"type": "stream.delta", **fields})
+                        continue
+                    # A diarized final in which the voice changes goes out as one final per speaker.
+                    for piece in await self._attribute(session.speakers, delta):
+                        await self.send(session.reply_to, {"type": "stream.delta", **fields, **piece})
                 if kind == "session.finalize":
                     await self.send(session.reply_to, {"type": "stream.flushed"})
                 elif kind == "session.close":
                     await self.send(session.reply_to, {"type": "stream.closed"})
+                    stats = session.transcriber.stats
+                    logger.info(
+                        "stream session %s closed: %.1f s of audio, arrived at most %.2f s behind real time,"
+                        " %d decodes, %.1f s of compute",
+                        session_id, session.audio_s, session.late_max, stats.count, stats.seconds,
+                    )
                     self._drop(session_id)
                     return
         except asyncio.CancelledError:
@@ -328,13 +363,18 @@ class StreamWorker:
             await self.send(session.reply_to, {"type": "stream.error", "code": "BACKEND_ERROR", "message": "Transcription failed."})
             self._drop(session_id)
 
-    async def _attribute(self, speakers: _Speakers, delta: Any) -> dict[str, Any]:
-        """Who spoke a final delta; partials carry no speaker yet (``null``)."""
+    async def _attribute(self, speakers: _Speakers, delta: Any) -> list[dict[str, Any]]:
+        """Who spoke a final delta, split where the speaker changes; partials carry no speaker yet."""
         if not delta.is_final:
-            return {"speaker_id": None, "speaker_label": None}
+            return [{"speaker_id": None, "speaker_label": None}]
         audio, offset = speakers.window()
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.speaker_executor, _attribute_span, speakers, audio, offset, delta.start, delta.end)
+        # The transcriber's final carries word times when it has them (``words``); else the cut
+        # falls between words spread evenly over the span.
+        words = getattr(delta, "words", None)
+        return await loop.run_in_executor(
+            self.speaker_executor, _attribute_span, speakers, audio, offset, delta.start, delta.end, delta.text, words
+        )
 
     async def attribute_chunk(self, session_id: str, message: dict[str, Any]) -> None:
         """Who spoke a relayed chunk of a Backend B stream (the relay transcribes, we compare voices)."""
@@ -349,11 +389,11 @@ class StreamWorker:
         loop = asyncio.get_running_loop()
         reply = {"type": "stream.speaker", "request_id": message["request_id"]}
         try:
-            reply.update(
-                await loop.run_in_executor(
-                    self.speaker_executor, _attribute_span, speakers, [samples], 0.0, 0.0, samples.size / SAMPLE_RATE
-                )
+            # A relayed chunk is attributed whole (no split): the relay's answer has no word times.
+            pieces = await loop.run_in_executor(
+                self.speaker_executor, _attribute_span, speakers, [samples], 0.0, 0.0, samples.size / SAMPLE_RATE, "", None, False
             )
+            reply.update(pieces[0])
         except Exception:
             logger.exception("speaker attribution failed for stream %s", session_id)
             reply["error"] = "Speaker attribution failed."
@@ -374,16 +414,27 @@ class StreamWorker:
             logger.warning("could not reach stream client %s", channel)
 
 
-def _attribute_span(speakers: _Speakers, feeds: list[np.ndarray], offset: float, start: float, end: float) -> dict[str, Any]:
-    """Embed a final's span and attribute it (in the speaker thread).
+def _attribute_span(
+    speakers: _Speakers,
+    feeds: list[np.ndarray],
+    offset: float,
+    start: float,
+    end: float,
+    text: str = "",
+    words: list[Any] | None = None,
+    split: bool = True,
+) -> list[dict[str, Any]]:
+    """Embed a final's span and attribute it (in the speaker thread): one dict of delta fields per
+    speaker, in order (``start``, ``end``, ``text`` only where the final was split).
 
     The candidates are read from the database for every final, so a speaker erased while the
     session runs is not matched again.
     """
+    from dataclasses import replace
+
     from scaiecho_site.engines import speaker_encoder
-    from speakers.diarization import diarize_segments
+    from speakers.diarization import attribute_final
     from speakers.selectors import speaker_candidates
-    from speech.engines.base import Segment
 
     # Joined here, in the speaker thread, not on the event loop.
     audio = np.concatenate(feeds) if feeds else np.zeros(0, dtype=np.float32)
@@ -393,26 +444,96 @@ def _attribute_span(speakers: _Speakers, feeds: list[np.ndarray], offset: float,
     # embedding: it is read together with the audio after it that the worker already holds, which
     # is the same speaker going on when the final was cut mid-turn, or the pause after the turn.
     held_until = offset + audio.size / SAMPLE_RATE
-    end = max(end, min(start + STREAM_EMBED_SECONDS, held_until))
-    segment = Segment(start=max(0.0, start - offset), end=max(0.0, end - offset), text="")
-    [attributed] = diarize_segments(
-        audio, [segment], encoder=speaker_encoder(), tracker=speakers.tracker, candidates=candidates
+    embed_until = max(end, min(start + STREAM_EMBED_SECONDS, held_until))
+    local = [replace(w, start=w.start - offset, end=w.end - offset) for w in words or []]
+    pieces = attribute_final(
+        audio,
+        start=max(0.0, start - offset),
+        end=max(0.0, end - offset),
+        text=text,
+        words=local or None,
+        embed_until=max(0.0, embed_until - offset),
+        encoder=speaker_encoder(),
+        tracker=speakers.tracker,
+        candidates=candidates,
+        split=split,
     )
-    return {"speaker_id": attributed.speaker_id, "speaker_label": attributed.speaker_label}
+    if len(pieces) == 1:
+        return [{"speaker_id": pieces[0].speaker_id, "speaker_label": pieces[0].speaker_label}]
+    return [
+        {
+            "start": round(piece.start + offset, 3),
+            "end": round(piece.end + offset, 3),
+            "text": piece.text,
+            "speaker_id": piece.speaker_id,
+            "speaker_label": piece.speaker_label,
+        }
+        for piece in pieces
+    ]
 
 
 _embedded: StreamWorker | None = None
 _embedded_lock = asyncio.Lock()
+# The embedded worker's lane engines, loaded and warmed once per process (see ``_lane_engine``).
+_lane_engines: dict[int, Any] = {}
+_lane_engines_lock = threading.Lock()
+
+
+def _embedded_layer() -> bool:
+    return "InMemoryChannelLayer" in settings.CHANNEL_LAYERS["default"]["BACKEND"]
+
+
+def _lane_engine(index: int) -> Any:
+    """Lane ``index``'s engine, loaded and warmed; a second caller waits for the first's load."""
+    from scaiecho_site.engines import build_engine, whisper_engine
+    from speech.vad import load_vad
+
+    with _lane_engines_lock:
+        if index not in _lane_engines:
+            started = time.perf_counter()
+            # Lane 0 shares the process's engine; each further lane has a model of its own.
+            engine = whisper_engine() if index == 0 else build_engine()
+            engine.load()
+            load_vad()
+            engine.warm_up()
+            _lane_engines[index] = engine
+            logger.info("stream lane %d model loaded and warm in %.1f s", index, time.perf_counter() - started)
+        return _lane_engines[index]
+
+
+def preload_embedded_worker() -> threading.Thread | None:
+    """At web-process start with the in-memory channel layer: load and warm the embedded stream
+    worker's models in a background thread, so that the first stream waits for no model.
+
+    The worker itself (its channel on this process's event loop) starts with the first stream;
+    by then this has usually finished, and if not, that stream waits only for the rest of it.
+    A model that cannot load is logged here and reported to the stream that needs it.
+    """
+    if not _embedded_layer():
+        return None
+    lanes = settings.SCAIECHO_STREAM_INFERENCE_THREADS
+
+    def preload() -> None:
+        try:
+            for index in range(max(1, lanes)):
+                if batches_on_device(_lane_engine(index)):
+                    break  # on CUDA the lanes share lane 0's model
+        except Exception:
+            logger.exception("could not preload the embedded stream worker's model")
+
+    thread = threading.Thread(target=preload, name="scaiecho-stream-preload", daemon=True)
+    thread.start()
+    return thread
 
 
 async def ensure_embedded_worker() -> None:
     """With the in-memory channel layer, run one stream worker inside this (web) process."""
     global _embedded
-    if "InMemoryChannelLayer" not in settings.CHANNEL_LAYERS["default"]["BACKEND"]:
+    if not _embedded_layer():
         return
     async with _embedded_lock:
         if _embedded is None:
-            worker = StreamWorker()
+            worker = StreamWorker(preloaded=True)
             await worker.start()
             asyncio.get_running_loop().create_task(worker.run())
             _embedded = worker

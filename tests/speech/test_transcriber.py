@@ -229,3 +229,75 @@ def test_language_detected_when_no_hint_and_audio_arrives_all_at_once(engine: Wh
     finals = [d for d in deltas if d.is_final]
     assert finals
     assert word_error_rate(spoken, " ".join(d.text for d in finals)) <= 0.2
+
+
+# --- real speech: spans never too long, text never lost -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reader() -> list[tuple[np.ndarray, str]]:
+    """The LibriVox clips of one real reader with their transcripts (3-7 s each)."""
+    from tests.voices import librivox_clips
+
+    return librivox_clips(("0870", "0880", "0890", "0920", "0930"))
+
+
+def test_a_worker_too_far_behind_for_partials_still_keeps_finals_under_30_s(engine: WhisperEngine, reader) -> None:
+    # Given 40 s of a real reader with only short breaths between sentences, and a worker so far
+    # behind real time that it makes no partials (nothing is confirmed, nothing cut at a clause)
+    clips = reader + reader[:3]
+    audio = np.concatenate([part for samples, _ in clips for part in (samples, silence(0.1))] + [silence(1.0)])
+    assert audio.size / SAMPLE_RATE > 38
+    session = StreamSession(engine, language="en", silence_seconds=1.5)
+    deltas: list[Delta] = []
+    for i in range(0, audio.size, CHUNK):
+        deltas += session.feed(audio[i : i + CHUNK], now=i / SAMPLE_RATE + 100.0)
+    deltas += session.close()
+    finals = [d for d in deltas if d.is_final]
+    # Then no final spans more than the decoder's window, and all of the speech is in them
+    assert all(d.end - d.start <= 30.0 for d in finals), [(d.start, d.end) for d in finals]
+    assert len(finals) >= 2
+    reference = " ".join(text for _, text in clips)
+    assert word_error_rate(reference, " ".join(d.text for d in finals)) <= 0.25
+
+
+class LosesTheFinal:
+    """The real short-window decoder, until ``broken``: then every decode answers "to", as Whisper
+    did for a 20 s final under load in issue 10 while the partial before it held the full text."""
+
+    def __init__(self, decoder) -> None:
+        self.decoder = decoder
+        self.broken = False
+        self.broken_decodes = 0
+
+    def transcribe(self, samples: np.ndarray, *, options):
+        from speech.engines.base import Segment, TranscriptionResult
+
+        if not self.broken:
+            return self.decoder.transcribe(samples, options=options)
+        self.broken_decodes += 1
+        seconds = samples.size / SAMPLE_RATE
+        return TranscriptionResult(text="to", language="en", duration_s=seconds,
+                                   segments=[Segment(0.0, seconds, " to", avg_logprob=-0.4, no_speech_prob=0.05)])
+
+
+def test_a_final_that_comes_back_shorter_than_its_partial_keeps_the_partials_words(engine: WhisperEngine, reader) -> None:
+    # Given a real sentence whose partials were decoded well
+    samples, text = max(reader, key=lambda clip: clip[0].size)
+    samples = samples[: np.flatnonzero(np.abs(samples) > 0.01)[-1]]  # ends as the last word does
+    decoder = LosesTheFinal(ShortWindowWhisper(engine))
+    session = StreamSession(engine, language="en", decoder=decoder, max_lag=100.0)
+    tail = int(0.7 * SAMPLE_RATE)  # spoken while the worker is behind: no partial covers it
+    deltas = stream(session, np.concatenate([silence(0.5), samples[:-tail]]), close=False).emitted
+    partials = [e.delta for e in deltas if not e.delta.is_final]
+    assert partials
+    # When the decode that makes its final loses almost all of it
+    decoder.broken = True
+    behind = session.feed(samples[-tail:], now=1e9) + session.feed(silence(1.0), now=1e9) + session.close()
+    deltas = [e.delta for e in deltas] + behind
+    finals = [d for d in deltas if d.is_final]
+    # Then the final still holds what the partial had heard, not just "to"
+    assert decoder.broken_decodes >= 1
+    assert finals
+    assert len(" ".join(d.text for d in finals).split()) >= 0.6 * len(partials[-1].text.split())
+    assert word_error_rate(text, " ".join(d.text for d in finals)) <= 0.5
