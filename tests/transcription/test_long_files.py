@@ -6,8 +6,7 @@ processes on a queue of their own, and small thresholds so that ~43 s counts as 
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -20,6 +19,7 @@ from django.utils import timezone
 from speech.audio import SAMPLE_RATE, decode_audio, wav_bytes
 from tenants.models import Role, TenantPolicy, UsageRecord
 from tests.factories import KeyFactory
+from tests.transcription.test_worker_crash import wait_for
 from tests.voices import POCKETSPHINX_DATA, word_error_rate
 from tests.workers import WorkerProcess
 from transcription.models import TranscriptionJob, TranscriptionPiece
@@ -113,16 +113,6 @@ def submit(wav: bytes, *, word_timestamps: bool = False, queue: str = QUEUE) -> 
     job.save()
     process_transcribe_job.apply_async(args=[str(job.id)], queue=queue)
     return key, job
-
-
-def wait_for(predicate: Callable[[], Any], *, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def finished(job: TranscriptionJob, *, timeout: float, workers: list[WorkerProcess]) -> TranscriptionJob:
