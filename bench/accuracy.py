@@ -7,7 +7,9 @@ side), on the same files in the same run:
 - ``greedy`` / ``beam5``: bare ``whisper.transcribe`` (openai-whisper on the packaged weights,
   temperature 0, beam 1 or 5): the references the issue compares against;
 - ``ctranslate2`` / ``openai-whisper``: our engines as the batch task calls them
-  (``TranscribeOptions(language="en", word_timestamps=True)``, VAD-segmented by default), then the
+  (``TranscribeOptions(language="en", word_timestamps=True)``, VAD-segmented by default), at each
+  beam width of ``--beams`` (default: the batch task's, ``SCAIECHO_WHISPER_BEAM_SIZE``; ``1,5``
+  lists greedy and beam 5 side by side, labelled ``ctranslate2 greedy`` / ``ctranslate2 beam 5``), then the
   service's diarization (:func:`diarize`, the one place that calls it), then a stream: the
   conversation fed to :class:`speech.transcriber.StreamSession` in 0.1 s chunks at real-time pace,
   in-process (the transport and the stream worker of ``bench.stream`` are not in this figure).
@@ -24,7 +26,8 @@ Measures (the parent computes them from what the children return):
   (within 0.25 s) arrived, minus the turn's end, in stream seconds; p50 and p95. A turn no final
   covers counts as missed.
 
-Run ``python -m bench.accuracy --help``. Nothing here imports Django except the diarization child.
+Run ``python -m bench.accuracy --help``. Nothing here imports Django except the diarization child
+and, for the default of ``--beams``, the settings.
 """
 
 from __future__ import annotations
@@ -54,17 +57,34 @@ class Spec:
     label: str
     kind: str  # "reference" | "openai-whisper" | "ctranslate2"
     model: str = "base"
-    beam: int | None = None  # reference only
+    beam: int | None = None  # beam search width; None (or 1): greedy
     threads: int = 1
     device: str = "cpu"
 
 
-def specs_for(engines: list[str], model: str, threads: int, device: str) -> list[Spec]:
+def beam_label(beam: int) -> str:
+    return "greedy" if beam <= 1 else f"beam {beam}"
+
+
+def specs_for(engines: list[str], model: str, threads: int, device: str, beams: list[int]) -> list[Spec]:
+    """The references, then each of our engines at each beam width."""
     out = [
         Spec("bare whisper greedy", "reference", model, None, threads, device),
         Spec("bare whisper beam 5", "reference", model, 5, threads, device),
     ]
-    return out + [Spec(name, name, model, None, threads, device) for name in engines]
+    return out + [
+        Spec(f"{name} {beam_label(beam)}", name, model, beam if beam > 1 else None, threads, device)
+        for name in engines
+        for beam in beams
+    ]
+
+
+def server_beam() -> int:
+    """The batch task's beam width with this environment (``SCAIECHO_WHISPER_BEAM_SIZE``)."""
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "scaiecho_site.settings")
+    from django.conf import settings
+
+    return int(getattr(settings, "SCAIECHO_WHISPER_BEAM_SIZE", 1))
 
 
 # --- The child ----------------------------------------------------------------------------------------
@@ -109,6 +129,7 @@ def _child(spec: Spec, data: Path, *, stream: bool, diarization: bool, oracle_sp
     if spec.kind == "reference":
         import whisper
 
+        from bench.engines import reference_beam
         from speech.engines.weights import load_whisper_model
 
         model = load_whisper_model(name=spec.model, device=spec.device).model
@@ -117,7 +138,7 @@ def _child(spec: Spec, data: Path, *, stream: bool, diarization: bool, oracle_sp
             t0 = time.perf_counter()
             with torch.inference_mode():
                 raw = whisper.transcribe(
-                    model, audio, language="en", temperature=0.0, beam_size=spec.beam,
+                    model, audio, language="en", temperature=0.0, beam_size=reference_beam(spec.beam),
                     fp16=spec.device.startswith("cuda"), verbose=None,
                 )  # fmt: skip
             results[item["key"]] = {"text": str(raw["text"]).strip(), "batch_s": time.perf_counter() - t0}
@@ -139,7 +160,7 @@ def _child(spec: Spec, data: Path, *, stream: bool, diarization: bool, oracle_sp
 
         encoder = SpeakerEncoder(device=spec.device, cpu_threads=spec.threads)
         encoder.load()
-    options = TranscribeOptions(language="en", word_timestamps=True)
+    options = TranscribeOptions(language="en", word_timestamps=True, beam_size=spec.beam)
     for item in index:
         audio = np.load(data / f"{item['key']}.npy")
         t0 = time.perf_counter()
@@ -324,7 +345,7 @@ def _targets(rows: dict[str, dict[str, Any]], specs: list[Spec]) -> None:
             ("every utterance reaches a final", row["missed"] == 0 if "missed" in row else None),
         ]
         for name, ok in checks:
-            print(f"  {spec.label:<16} {name:<44} {'-' if ok is None else 'PASS' if ok else 'MISS'}")
+            print(f"  {spec.label:<22} {name:<44} {'-' if ok is None else 'PASS' if ok else 'MISS'}")
     print(
         "  (not measured here: p50 with three concurrent sessions, the embedded server and the Redis"
         " worker — bench.stream; enrolled speakers named — bench.speakers)"
@@ -337,6 +358,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--band", choices=["wideband", "phone", "both"], default="wideband")
     parser.add_argument("--texted-only", action="store_true", help="leave out the untranscribed (codec2) ones")
     parser.add_argument("--engines", default="ctranslate2,openai-whisper", help="ours, comma-separated")
+    parser.add_argument(
+        "--beams", "--beam", default=None,
+        help="beam widths for our engines, comma-separated (1: greedy; '1,5': both, one row each);"
+        " default: the batch task's (SCAIECHO_WHISPER_BEAM_SIZE)",
+    )  # fmt: skip
     parser.add_argument("--skip-reference", action="store_true", help="no bare whisper.transcribe runs")
     parser.add_argument("--skip-stream", action="store_true")
     parser.add_argument("--skip-diarization", action="store_true")
@@ -370,7 +396,10 @@ def main(argv: list[str] | None = None) -> None:
             chosen = texted[: args.limit - n_untexted] + untexted[:n_untexted]
         convs += chosen
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    specs = specs_for(engines, args.model, args.threads, args.device)
+    beams = [int(b) for b in args.beams.split(",") if b.strip()] if args.beams else [server_beam()]
+    if any(b < 1 for b in beams):
+        parser.error(f"--beams {args.beams}: each width must be at least 1")
+    specs = specs_for(engines, args.model, args.threads, args.device, beams)
     if args.skip_reference:
         specs = [s for s in specs if s.kind != "reference"]
     seconds = sum(c.duration_s for c in convs)

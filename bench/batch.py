@@ -1,6 +1,6 @@
 """Batch transcription benchmark: our engines against bare Whisper, the API's overhead, long files.
 
-    .venv/bin/python -m bench.batch [--seconds 60] [--runs 3] [--model base] [--engine NAME]
+    .venv/bin/python -m bench.batch [--seconds 60] [--runs 3] [--model base] [--engine NAME] [--beam N]
                                     [--skip-engines] [--skip-api] [--skip-long] [--long-seconds 1200]
 
 All audio is real recorded human speech with exact reference text (:mod:`bench.corpus`: LibriVox
@@ -10,11 +10,15 @@ gaps to about ``--seconds``. In one run it prints
 1. engines, side by side, each measured in its own child process (:mod:`bench.engines`), one at a
    time, ``--runs`` rounds in shuffled order: the reference, bare ``whisper.transcribe``
    (openai-whisper, greedy at temperature 0, the same packaged weights, the same one thread); our
-   openai-whisper engine; our CTranslate2 engine (int8 on the CPU) at each ``--batch-sizes``. For
-   each: model load, median time, RTF (time / audio), speed against the reference, WER (the
-   service's own, ``speakers.verification.word_error_rate``), CPU seconds, peak RSS (``ru_maxrss``
-   of its own process); and PASS/MISS for the target "default engine >= 2.5x faster than bare
-   whisper.transcribe at no worse WER";
+   openai-whisper engine; our CTranslate2 engine (int8 on the CPU) at each ``--batch-sizes``, all
+   greedy. When batch jobs search a beam (``--beam``, default ``SCAIECHO_WHISPER_BEAM_SIZE``, above
+   1), also bare ``whisper.transcribe`` at that beam and the server's engine at that beam, so that
+   each is compared with the reference that decodes the same way. For each: model load, median
+   time, RTF (time / audio), speed against the greedy reference, WER (the service's own,
+   ``speakers.verification.word_error_rate``), CPU seconds, peak RSS (``ru_maxrss`` of its own
+   process); and PASS/MISS for the target "default engine >= 2.5x faster than bare
+   whisper.transcribe at no worse WER", greedy against greedy and beam against the same beam, and
+   the server's engine as configured against greedy bare Whisper (for information);
 2. the API: a real server (``manage.py runserver``, i.e. daphne) and a real Celery worker
    (concurrency 1, one thread, the server's default engine or ``--engine``) on a throwaway data dir
    (SQLite + filesystem broker, or ``DATABASE_URL`` / ``REDIS_URL`` / ``CELERY_BROKER_URL`` from the
@@ -33,6 +37,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import sqlite3
@@ -41,9 +46,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 
@@ -72,6 +80,7 @@ class ServerDefaults:
     engine: str
     batch_size: int
     compute_type: str | None
+    beam_size: int
     long_split_s: float
     long_piece_s: float
 
@@ -85,6 +94,7 @@ def server_defaults() -> ServerDefaults:
         engine=getattr(settings, "SCAIECHO_WHISPER_ENGINE", "ctranslate2"),
         batch_size=int(getattr(settings, "SCAIECHO_WHISPER_BATCH_SIZE", 4)),
         compute_type=getattr(settings, "SCAIECHO_WHISPER_COMPUTE_TYPE", None) or None,
+        beam_size=int(getattr(settings, "SCAIECHO_WHISPER_BEAM_SIZE", 1)),
         long_split_s=float(getattr(settings, "SCAIECHO_LONG_AUDIO_SPLIT_SECONDS", 600.0)),
         long_piece_s=float(getattr(settings, "SCAIECHO_LONG_AUDIO_PIECE_SECONDS", 300.0)),
     )
@@ -126,6 +136,31 @@ class Proc:
             pass
         self.process.wait(timeout=10)
         self._log.close()
+
+
+T = TypeVar("T")
+
+
+def run_with_procs(prefix: str, *, keep: bool, body: Callable[[Path, list[Proc]], T], interrupted: T) -> T:
+    """Run ``body(tmp, procs)`` in a fresh temp dir; ``body`` appends every server and worker it starts
+    to ``procs``. However it ends, they are stopped (last started first) and the temp dir is removed
+    unless ``keep``. Ctrl-C, or SIGTERM (e.g. from a timeout), returns ``interrupted``."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    procs: list[Proc] = []
+    # SIGTERM unwinds like Ctrl-C so the subprocesses are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        return body(tmp, procs)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return interrupted
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+        if keep:
+            print(f"kept {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def manage(env: dict[str, str], *args: str) -> str:
@@ -296,7 +331,17 @@ class Bench:
 REFERENCE = "whisper.transcribe (ref)"
 
 
-def engine_specs(*, model: str, device: str, threads: int, batch_sizes: list[int], compute_type: str) -> list[EngineSpec]:
+def reference_label(beam: int) -> str:
+    """The bare ``whisper.transcribe`` row that decodes as ``beam`` does (1: greedy, the reference)."""
+    return REFERENCE if beam <= 1 else f"whisper.transcribe beam {beam} (ref)"
+
+
+def engine_specs(
+    *, model: str, device: str, threads: int, batch_sizes: list[int], compute_type: str,
+    beam: int = 1, engine: str = "ctranslate2", batch_size: int = 4,
+) -> list[EngineSpec]:
+    """Everything greedy; with ``beam`` above 1 also the reference and the server's ``engine`` (at
+    its ``batch_size``) at that beam."""
     specs = [
         EngineSpec(REFERENCE, "reference", model, device, threads),
         EngineSpec("openai-whisper engine", "openai-whisper", model, device, threads),
@@ -305,13 +350,24 @@ def engine_specs(*, model: str, device: str, threads: int, batch_sizes: list[int
         EngineSpec(f"ctranslate2 {compute_type} batch {b}", "ctranslate2", model, device, threads, compute_type, b)
         for b in batch_sizes
     ]
-    return specs
+    if beam > 1:
+        specs.append(EngineSpec(reference_label(beam), "reference", model, device, threads, beam=beam))
+        if engine == "ctranslate2":
+            label = f"ctranslate2 {compute_type} batch {batch_size} beam {beam}"
+            specs.append(EngineSpec(label, engine, model, device, threads, compute_type, batch_size, beam))
+        else:
+            specs.append(EngineSpec(f"openai-whisper engine beam {beam}", engine, model, device, threads, beam=beam))
+    return specs  # fmt: skip
 
 
-def default_label(specs: list[EngineSpec], engine: str, batch_size: int) -> str | None:
-    """The row of the engine the server runs with these settings."""
+def default_label(specs: list[EngineSpec], engine: str, batch_size: int, beam: int = 1) -> str | None:
+    """The row of the engine the server runs with these settings (``beam`` 1: its greedy row)."""
     for spec in specs:
-        if spec.kind == engine and (engine != "ctranslate2" or spec.batch_size == batch_size):
+        if (
+            spec.kind == engine
+            and (engine != "ctranslate2" or spec.batch_size == batch_size)
+            and (spec.beam or 1) == max(beam, 1)
+        ):
             return spec.label
     return None
 
@@ -348,32 +404,47 @@ def summarize(runs: list[EngineRun], reference_text: str) -> dict[str, EngineRow
 def print_engine_table(rows: dict[str, EngineRow], audio_s: float, default: str | None) -> None:
     ref = rows.get(REFERENCE)
     ok_ref = ref is not None and not ref.error
-    print(f"\n{'engine (* = server default)':<32} {'load s':>6} {'median s':>9} {'RTF':>6} {'x real':>7}"
+    print(f"\n{'engine (* = server default)':<36} {'load s':>6} {'median s':>9} {'RTF':>6} {'x real':>7}"
           f" {'speed/ref':>9} {'WER':>6} {'CPU s':>7} {'CPU/ref':>7} {'peak RSS':>9}")
     for label, row in rows.items():
         name = ("* " if label == default else "  ") + label
         if row.error:
-            print(f"{name:<32} FAILED: {row.error}")
+            print(f"{name:<36} FAILED: {row.error}")
             continue
         speed = f"{ref.seconds / row.seconds:8.2f}x" if ok_ref else f"{'--':>9}"
         cpu = f"{ref.cpu_s / row.cpu_s:6.2f}x" if ok_ref and row.cpu_s > 0 else f"{'--':>7}"
-        print(f"{name:<32} {row.load_s:6.2f} {row.seconds:9.2f} {row.seconds / audio_s:6.3f} {audio_s / row.seconds:6.1f}x"
+        print(f"{name:<36} {row.load_s:6.2f} {row.seconds:9.2f} {row.seconds / audio_s:6.3f} {audio_s / row.seconds:6.1f}x"
               f" {speed} {row.wer * 100:5.1f}% {row.cpu_s:7.2f} {cpu} {row.peak_rss_mb:6.0f} MB")
 
 
-def engine_verdict(rows: dict[str, EngineRow], default: str | None) -> bool:
-    ref, row = rows.get(REFERENCE), rows.get(default or "")
+def engine_verdict(rows: dict[str, EngineRow], default: str | None, *, reference: str = REFERENCE,
+                   decoding: str = "greedy") -> bool:
+    """The target for ``default`` against bare Whisper's ``reference`` row (which decodes the same way)."""
+    ref, row = rows.get(reference), rows.get(default or "")
+    what = f"default engine >= {SPEED_TARGET}x faster than bare whisper.transcribe at no worse WER, both {decoding}"
     if not ref or ref.error or not row or row.error:
-        print(f"MISS target: default engine >= {SPEED_TARGET}x faster than bare whisper.transcribe at no worse WER"
-              f" (not measured: {(row and row.error) or (ref and ref.error) or 'no default engine row'})")
+        print(f"MISS target: {what} (not measured: {(row and row.error) or (ref and ref.error) or 'no default engine row'})")
         return False
     speed = ref.seconds / row.seconds
     ok = speed >= SPEED_TARGET and row.wer <= ref.wer
-    print(f"{'PASS' if ok else 'MISS'} target: default engine ({default}) {speed:.2f}x faster than bare"
-          f" whisper.transcribe [>= {SPEED_TARGET}x: {'ok' if speed >= SPEED_TARGET else 'no'}]"
+    print(f"{'PASS' if ok else 'MISS'} target ({decoding} vs {decoding}): default engine ({default}) {speed:.2f}x"
+          f" faster than bare {reference} [>= {SPEED_TARGET}x: {'ok' if speed >= SPEED_TARGET else 'no'}]"
           f" at WER {row.wer * 100:.1f} % vs {ref.wer * 100:.1f} % [no worse: {'ok' if row.wer <= ref.wer else 'no'}]"
           f"; by CPU time {ref.cpu_s / row.cpu_s:.2f}x")
     return ok
+
+
+def engine_verdicts(rows: dict[str, EngineRow], labels: dict[int, str | None], beam: int) -> None:
+    """Greedy against greedy (issue 9's measure); with a beam, beam against the same beam, and the
+    server as configured against greedy bare Whisper (what a switch from bare greedy Whisper gives)."""
+    engine_verdict(rows, labels[1])
+    if beam <= 1:
+        return
+    engine_verdict(rows, labels[beam], reference=reference_label(beam), decoding=f"beam {beam}")
+    ref, row = rows.get(REFERENCE), rows.get(labels[beam] or "")
+    if ref and row and not ref.error and not row.error:
+        print(f"info: the server as configured ({labels[beam]}) against bare greedy whisper.transcribe:"
+              f" {ref.seconds / row.seconds:.2f}x faster, WER {row.wer * 100:.1f} % vs {ref.wer * 100:.1f} %")
 
 
 # --- 2. The API's overhead -------------------------------------------------------------------------
@@ -493,6 +564,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="SCAIECHO_WHISPER_ENGINE for the server and worker (default: the settings' default)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (SCAIECHO_WHISPER_DEVICE; default cpu)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per engine and worker (default 1)")
+    parser.add_argument("--beam", type=int, default=None,
+                        help="beam width of batch jobs (SCAIECHO_WHISPER_BEAM_SIZE; default: the settings'); above 1,"
+                             " the server's engine and bare whisper.transcribe are also measured at it")
     parser.add_argument("--batch-sizes", default=None,
                         help="CTranslate2 batch sizes to measure (default 1 and the settings' batch size)")
     parser.add_argument("--compute-type", default=None,
@@ -513,35 +587,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    tmp = Path(tempfile.mkdtemp(prefix="scaiecho-bench-"))
-    procs: list[Proc] = []
-    # SIGTERM (e.g. from a timeout) unwinds like Ctrl-C so the subprocesses are stopped too.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    try:
-        return _run(args, tmp, procs)
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    finally:
-        for proc in reversed(procs):
-            proc.stop()
-        if args.keep:
-            print(f"kept {tmp}", file=sys.stderr)
-        else:
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
+    return run_with_procs("scaiecho-bench-", keep=args.keep, body=partial(_run, args), interrupted=130)
 
 
 def run_engines(args: argparse.Namespace, rec: corpus.Recording) -> tuple[dict[str, EngineRow], str | None]:
-    """Part 1, also used by ``bench.gpu``: the engine rows and the server default's label."""
+    """Part 1, also used by ``bench.gpu``: the engine rows and the server default's label (at the
+    configured beam)."""
+    rows, labels, _beam = _run_engines(args, rec)
+    return rows, labels[max(labels)]
+
+
+def _run_engines(args: argparse.Namespace, rec: corpus.Recording) -> tuple[dict[str, EngineRow], dict[int, str | None], int]:
+    """The engine rows, the server engine's label per beam width measured (1, and the configured
+    one), and the configured beam width."""
     defaults = server_defaults()
     engine = args.engine or defaults.engine
+    beam = max(args.beam or defaults.beam_size, 1)
     compute = args.compute_type or defaults.compute_type or ("int8" if args.device == "cpu" else "float16")
     sizes = [int(x) for x in args.batch_sizes.split(",")] if args.batch_sizes else sorted({1, defaults.batch_size})
     specs = engine_specs(model=args.model, device=args.device, threads=args.threads, batch_sizes=sizes,
-                         compute_type=compute)
-    default = default_label(specs, engine, defaults.batch_size)
+                         compute_type=compute, beam=beam, engine=engine, batch_size=defaults.batch_size)
+    labels = {b: default_label(specs, engine, defaults.batch_size, b) for b in sorted({1, beam})}
+    default = labels[beam]
     print(f"\n== engines: {rec.seconds:.1f} s, model {args.model} on {args.device}, {args.threads} thread(s),"
           f" {args.runs} round(s), each engine in its own process ==")
     runs = measure(specs, rec.samples, rounds=args.runs, seed=args.seed)
@@ -552,7 +619,7 @@ def run_engines(args: argparse.Namespace, rec: corpus.Recording) -> tuple[dict[s
         for run in runs:
             if run.texts:
                 print(f"{run.spec.label}: {run.texts[0]}")
-    return rows, default
+    return rows, labels, beam
 
 
 def _run(args: argparse.Namespace, tmp: Path, procs: list[Proc]) -> int:
@@ -564,9 +631,11 @@ def _run(args: argparse.Namespace, tmp: Path, procs: list[Proc]) -> int:
 
     rows: dict[str, EngineRow] = {}
     default = None
+    beam = max(args.beam or server_defaults().beam_size, 1)
     if not args.skip_engines:
-        rows, default = run_engines(args, rec)
-        engine_verdict(rows, default)
+        rows, labels, beam = _run_engines(args, rec)
+        default = labels[beam]
+        engine_verdicts(rows, labels, beam)
 
     if args.skip_api and args.skip_long:
         print(f"total {time.perf_counter() - t_start:.0f} s")
@@ -593,6 +662,8 @@ def _run(args: argparse.Namespace, tmp: Path, procs: list[Proc]) -> int:
         env["SCAIECHO_WHISPER_ENGINE"] = args.engine
     if args.compute_type:
         env["SCAIECHO_WHISPER_COMPUTE_TYPE"] = args.compute_type
+    if args.beam:
+        env["SCAIECHO_WHISPER_BEAM_SIZE"] = str(args.beam)
     db_path = None if os.environ.get("DATABASE_URL") else tmp / "data" / "db.sqlite3"
     manage(env, "migrate", "--noinput", "-v", "0")
     key = manage(env, "create_api_key", "--tenant", "bench", "--user", "bench", "--role", "tenant_admin")
@@ -615,7 +686,7 @@ def _run(args: argparse.Namespace, tmp: Path, procs: list[Proc]) -> int:
         pids = [server.process.pid, workers[0].process.pid]
         bench = Bench(base_url, key, rec.wav(), db_path, pids)
         short = Bench(base_url, key, corpus.recording(4, seed=args.seed + 7).wav(), db_path, pids)
-        api_runs(args, bench, short, rec, rows.get(default or ""), rows.get(REFERENCE))
+        api_runs(args, bench, short, rec, rows.get(default or ""), rows.get(reference_label(beam)))
 
     if not args.skip_long:
         long_runs(args, env, base_url, key, server, procs, tmp)

@@ -7,10 +7,12 @@ process ever held, imports and model included). Children run one after another, 
 
 Kinds of engine:
 
-- ``reference``: bare ``whisper.transcribe`` (openai-whisper) on the packaged weights, greedy at
-  temperature 0 (no fallback), ``fp16`` only on CUDA, everything else at openai-whisper's defaults;
+- ``reference``: bare ``whisper.transcribe`` (openai-whisper) on the packaged weights at
+  temperature 0 (no fallback), greedy or at a beam width, ``fp16`` only on CUDA, everything else at
+  openai-whisper's defaults;
 - ``openai-whisper``: our :class:`speech.engines.whisper.WhisperEngine`, with the options the batch
-  task passes by default (``TranscribeOptions(language="en")``);
+  task passes by default (``TranscribeOptions(language="en")``), greedy or at a beam width
+  (``SCAIECHO_WHISPER_BEAM_SIZE``);
 - ``ctranslate2``: our :class:`speech.engines.ctranslate2.CTranslate2Engine` (faster-whisper on the
   same packaged weights), same options, with a compute type and a batch size.
 
@@ -46,6 +48,7 @@ class EngineSpec:
     threads: int = 1
     compute_type: str | None = None  # ctranslate2 only
     batch_size: int | None = None  # ctranslate2 only
+    beam: int | None = None  # beam search width; None (or 1): greedy
 
 
 @dataclass
@@ -76,6 +79,12 @@ def build(spec: EngineSpec):  # noqa: ANN201 - an Engine, imported lazily (torch
             batch_size=spec.batch_size or 1,
         )
     raise ValueError(f"unknown engine kind {spec.kind!r}")
+
+
+def reference_beam(beam: int | None) -> int | None:
+    """``whisper.transcribe``'s ``beam_size`` for a width: ``None`` is its greedy decoder (a width
+    of 1 would run its beam search code with one beam, slower for the same text)."""
+    return beam if (beam or 1) > 1 else None
 
 
 def child_env(threads: int) -> dict[str, str]:
@@ -147,15 +156,16 @@ def _child(spec: EngineSpec, samples: np.ndarray) -> dict:
         def run(audio: np.ndarray) -> str:
             with torch.inference_mode():
                 raw = whisper.transcribe(
-                    model, audio, language="en", temperature=0.0, fp16=spec.device.startswith("cuda"), verbose=None
-                )
+                    model, audio, language="en", temperature=0.0, beam_size=reference_beam(spec.beam),
+                    fp16=spec.device.startswith("cuda"), verbose=None,
+                )  # fmt: skip
             return str(raw["text"]).strip()
     else:
         from speech.engines.base import TranscribeOptions
 
         engine = build(spec)
         engine.load()
-        options = TranscribeOptions(language="en")
+        options = TranscribeOptions(language="en", beam_size=spec.beam)
 
         def run(audio: np.ndarray) -> str:
             return engine.transcribe(audio, options=options).text

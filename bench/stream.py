@@ -46,21 +46,19 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
-import signal
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import httpx
 import numpy as np
 
 from bench import corpus
-from bench.batch import API, Proc, free_port, manage, server_defaults, tree_cpu_s, word_error_rate
+from bench.batch import API, Proc, free_port, manage, run_with_procs, server_defaults, tree_cpu_s, word_error_rate
 from bench.engines import EngineSpec, build
 
 RATE = 16_000
@@ -222,6 +220,7 @@ async def run_session(url: str, conv: Conversation, start_at: float, result: Ses
         ready = json.loads(await asyncio.wait_for(ws.recv(), 120))
         result.ready_s = time.perf_counter() - opened
         if ready.get("type") != "ready":
+            result.error = f"{ready.get('code')}: {ready.get('message')}"  # e.g. RATE_LIMITED (bench.load counts it)
             raise RuntimeError(f"expected ready, got {ready}")
         read_task = asyncio.create_task(reader(ws))
         step = int(FRAME_S * RATE) * 2
@@ -441,21 +440,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> list[Level] | None:
     """The whole benchmark; the levels measured, or ``None`` when interrupted (``bench.gpu`` uses it)."""
     levels = [int(x) for x in args.sessions.split(",") if x.strip()]
-    tmp = Path(tempfile.mkdtemp(prefix="scaiecho-bench-stream-"))
-    procs: list[Proc] = []
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    try:
-        return _run(args, levels, tmp, procs)
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return None
-    finally:
-        for proc in reversed(procs):
-            proc.stop()
-        if args.keep:
-            print(f"kept {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+    return run_with_procs("scaiecho-bench-stream-", keep=args.keep, body=partial(_run, args, levels), interrupted=None)
 
 
 def largest(done: list[Level], ok: Callable[[Level], bool]) -> int:

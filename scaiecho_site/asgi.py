@@ -1,4 +1,4 @@
-"""ASGI entry point: HTTP through Django, WebSockets through Channels."""
+"""ASGI entry point: HTTP through Django (behind the body limit), WebSockets through Channels."""
 
 import os
 
@@ -9,6 +9,7 @@ django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
+from scaiecho_site.bodylimit import BodyLimitMiddleware, install_daphne_guard  # noqa: E402
 from scaiecho_site.checks import enforce_startup_checks  # noqa: E402
 from scaiecho_site.routing import websocket_urlpatterns  # noqa: E402
 from streaming.middleware import TokenScopeMiddleware  # noqa: E402
@@ -18,10 +19,13 @@ enforce_startup_checks()
 # With the embedded defaults this process runs the stream worker: load its model now, while the
 # server starts, not when the first stream is waiting for it.
 preload_embedded_worker()
+# daphne receives a whole request body before it calls the application; this makes it refuse an
+# oversize body while it arrives (scaiecho_site.bodylimit).
+install_daphne_guard()
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        "http": BodyLimitMiddleware(django_asgi_app),
         "websocket": TokenScopeMiddleware(URLRouter(websocket_urlpatterns)),
     }
 )

@@ -7,10 +7,14 @@ to start too (those commands do not run Django's checks themselves).
 
 from __future__ import annotations
 
+import ipaddress
+import os
 from typing import Any
 
 from django.conf import settings
 from django.core import checks
+
+from scaiecho_site.crypto import WEBHOOK_SECRET_KEYS, KeyConfigError
 
 PRODUCTION_TAG = "scaiecho_production"
 
@@ -56,6 +60,71 @@ def production_settings_check(app_configs: Any = None, **kwargs: Any) -> list[ch
                 id="scaiecho.E004",
             )
         )
+    if not settings.SCAIECHO_WEBHOOK_SECRET_KEYS:
+        errors.append(
+            checks.Error(
+                "SCAIECHO_WEBHOOK_SECRET_KEYS is not set.",
+                hint=(
+                    "Production mode needs a key that encrypts the tenants' webhook signing secrets at rest: "
+                    "python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'"
+                ),
+                id="scaiecho.E020",
+            )
+        )
+    if settings.DEBUG:
+        errors.append(
+            checks.Error(
+                "DEBUG is on in production mode.",
+                hint="DEBUG shows settings and stack traces to anyone who triggers an error; unset DEBUG or set DEBUG=false.",
+                id="scaiecho.E010",
+            )
+        )
+    return errors
+
+
+@checks.register(PRODUCTION_TAG)
+def security_settings_check(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """Checked in any mode: a bad proxy list, token lifetime or webhook secret key would otherwise fail at the first request."""
+    errors: list[checks.CheckMessage] = []
+    address_lists = (
+        ("SCAIECHO_TRUSTED_PROXIES", "10.0.0.5,10.1.0.0/16", "scaiecho.E011"),
+        ("SCAIECHO_METRICS_ALLOWED_ADDRESSES", "127.0.0.1,10.2.0.0/16", "scaiecho.E013"),
+    )
+    for name, example, check_id in address_lists:
+        for entry in getattr(settings, name):
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                errors.append(
+                    checks.Error(
+                        f"{name} holds {entry!r}, which is not an address or CIDR range.",
+                        hint=f"Use comma-separated addresses or ranges, e.g. {example}.",
+                        id=check_id,
+                    )
+                )
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if folder is not None and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+        errors.append(
+            checks.Error(
+                f"PROMETHEUS_MULTIPROC_DIR is {folder!r}, which is not a writable folder.",
+                hint="Create it (empty it when the service starts), or unset it for per-process metrics.",
+                id="scaiecho.E014",
+            )
+        )
+    if settings.SCAIECHO_WEBHOOK_SECRET_KEYS:
+        try:
+            WEBHOOK_SECRET_KEYS.encrypt(b"check")
+        except KeyConfigError as exc:
+            errors.append(checks.Error(str(exc), hint="Generate one with Fernet.generate_key().", id="scaiecho.E021"))
+    ttl, cap = settings.SCAIECHO_CAPTION_TOKEN_TTL_SECONDS, settings.SCAIECHO_CAPTION_TOKEN_MAX_TTL_SECONDS
+    if not 0 < ttl <= cap:
+        errors.append(
+            checks.Error(
+                f"SCAIECHO_CAPTION_TOKEN_TTL_SECONDS is {ttl}, SCAIECHO_CAPTION_TOKEN_MAX_TTL_SECONDS {cap}.",
+                hint="The default lifetime must be positive and at most the maximum.",
+                id="scaiecho.E012",
+            )
+        )
     return errors
 
 
@@ -87,6 +156,14 @@ def speech_engine_check(app_configs: Any = None, **kwargs: Any) -> list[checks.C
         errors.append(
             checks.Error(
                 "SCAIECHO_WHISPER_BATCH_SIZE and SCAIECHO_GPU_MAX_BATCH must be at least 1.",
+                id="scaiecho.E006",
+            )
+        )
+    if settings.SCAIECHO_WHISPER_BEAM_SIZE < 1:
+        errors.append(
+            checks.Error(
+                f"SCAIECHO_WHISPER_BEAM_SIZE is {settings.SCAIECHO_WHISPER_BEAM_SIZE}.",
+                hint="Use 1 (greedy) or a beam width above 1, e.g. 5.",
                 id="scaiecho.E006",
             )
         )

@@ -17,6 +17,7 @@ from typing import Any
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.http import Http404, HttpRequest, JsonResponse
 from rest_framework import exceptions as drf_exceptions
+from rest_framework.metadata import SimpleMetadata
 from rest_framework.response import Response
 
 from scaiecho_site import errors
@@ -50,6 +51,13 @@ def request_id_of(request: Any) -> str:
 def ok(request: Any, data: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     body = {"status": "ok", "data": data, "meta": {"request_id": request_id_of(request)}}
     return Response(body, status=status, headers=headers)
+
+
+class EnvelopeMetadata(SimpleMetadata):
+    """``OPTIONS`` answers DRF's description of the view, inside the envelope like every answer."""
+
+    def determine_metadata(self, request: Any, view: Any) -> dict[str, Any]:
+        return {"status": "ok", "data": super().determine_metadata(request, view), "meta": {"request_id": request_id_of(request)}}
 
 
 def error_body(error: errors.ApplicationError, request_id: str) -> dict[str, Any]:

@@ -42,6 +42,7 @@ __all__ = [
     "RateLimited",
     "BudgetExceeded",
     "BackendUnavailable",
+    "QueueUnavailable",
     "InternalError",
 ]
 
@@ -119,6 +120,15 @@ class BackendUnavailable(ApplicationError):
     code = "SCAIECHO_BACKEND_UNAVAILABLE"
     http_status = 502
     default_message = "No speech backend allowed for this tenant is available."
+    transient = True
+
+
+class QueueUnavailable(ApplicationError):
+    """The job queue (the Celery broker) could not take the work; nothing was started or billed."""
+
+    code = "SCAIECHO_QUEUE_UNAVAILABLE"
+    http_status = 503
+    default_message = "The job queue is unavailable; try again shortly."
     transient = True
 
 

@@ -11,6 +11,7 @@ from django.core.exceptions import BadRequest, PermissionDenied, SuspiciousOpera
 from django.http import Http404, HttpRequest, HttpResponse
 
 from scaiecho_site import errors
+from scaiecho_site.bodylimit import body_limit, too_large
 from scaiecho_site.envelope import REQUEST_ID_HEADER, error_json_response, request_id_from_header
 
 logger = logging.getLogger("scaiecho.errors")
@@ -75,14 +76,12 @@ class EnvelopeFallbackMiddleware:
 
 
 class BodySizeLimitMiddleware:
-    """Refuse a request whose declared body is over the upload limit before reading it.
+    """Refuse a request whose declared body is over its route's limit before reading it.
 
-    Multipart framing adds a little to the file itself, so the request may exceed
-    ``SCAIECHO_MAX_UPLOAD_BYTES`` by a small allowance; the file's own size is checked where
-    uploads are handled.
+    Under daphne (or any ASGI server) ``scaiecho_site.bodylimit`` has refused such a body while
+    it arrived, before Django saw it; this is the same rule for Django's own handlers (WSGI, the
+    test client). The files' own sizes are checked where uploads are handled.
     """
-
-    MULTIPART_ALLOWANCE = 64 * 1024
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
         self.get_response = get_response
@@ -92,13 +91,7 @@ class BodySizeLimitMiddleware:
             declared = int(request.META.get("CONTENT_LENGTH") or 0)
         except ValueError:
             declared = 0
-        limit = settings.SCAIECHO_MAX_UPLOAD_BYTES + self.MULTIPART_ALLOWANCE
-        if declared > limit and not request.path.startswith("/admin/"):
-            return error_json_response(
-                request,
-                errors.PayloadTooLarge(
-                    f"The request body is {declared} bytes; the limit is "
-                    f"{settings.SCAIECHO_MAX_UPLOAD_BYTES} bytes of audio."
-                ),
-            )
+        limit = body_limit(request.method or "GET", request.path)
+        if declared > limit:
+            return error_json_response(request, too_large(limit=limit, declared=declared))
         return self.get_response(request)

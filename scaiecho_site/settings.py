@@ -13,10 +13,15 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+N = TypeVar("N", int, float)
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -33,13 +38,22 @@ def env_bool(name: str, default: bool) -> bool:
 
 
 def env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    return int(raw) if raw not in (None, "") else default
+    return _env_number(name, default, int, "a whole number")
 
 
 def env_float(name: str, default: float) -> float:
+    return _env_number(name, default, float, "a number")
+
+
+def _env_number(name: str, default: N, kind: Callable[[str], N], what: str) -> N:
     raw = os.environ.get(name)
-    return float(raw) if raw not in (None, "") else default
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return kind(raw)
+    except ValueError:
+        # Named, so that start-up says which setting is wrong (not only "invalid literal for int()").
+        raise ImproperlyConfigured(f"{name} is {raw!r}, which is not {what}.") from None
 
 
 def env_list(name: str) -> list[str]:
@@ -59,18 +73,41 @@ SCAIECHO_PHASE = env_str("SCAIECHO_PHASE", "ga")
 
 SCAIECHO_DATA_DIR = Path(env_str("SCAIECHO_DATA_DIR", str(BASE_DIR / "var")))
 
-# Without SECRET_KEY a development process gets a fixed development key; a production process
-# gets a throwaway one only so that the check scaiecho.E001 can report the problem.
+
+
+def development_secret_key(data_dir: Path) -> str:
+    """A random key made once per data folder (``secret_key``, readable by its owner only) and
+    shared by every process that uses the folder: a development key is never one published in the
+    source, since it signs caption tokens and derives the development biometric key."""
+    path = data_dir / "secret_key"
+    if path.exists() and path.read_text().strip():
+        return path.read_text().strip()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd, draft = tempfile.mkstemp(dir=data_dir, prefix=".secret_key.")  # mode 0600
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secrets.token_urlsafe(50))
+    try:
+        os.link(draft, path)  # atomic: of two processes starting at once, the first key wins
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(draft)
+    return path.read_text().strip()
+
+
+# Without SECRET_KEY a development process gets the data folder's own random key; a production
+# process gets a throwaway one only so that the check scaiecho.E001 can report the problem.
 SCAIECHO_SECRET_KEY_FROM_ENV = bool(env_str("SECRET_KEY"))
 if SCAIECHO_SECRET_KEY_FROM_ENV:
     SECRET_KEY = env_str("SECRET_KEY")
 elif SCAIECHO_PRODUCTION:
     SECRET_KEY = secrets.token_urlsafe(50)
 else:
-    SECRET_KEY = "django-insecure-scaiecho-development-only"
+    SECRET_KEY = development_secret_key(SCAIECHO_DATA_DIR)
 
+# Development answers only for this machine's own names; production needs an explicit list (E002).
 SCAIECHO_ALLOWED_HOSTS_FROM_ENV = bool(env_list("ALLOWED_HOSTS"))
-ALLOWED_HOSTS = env_list("ALLOWED_HOSTS") or (["*"] if not SCAIECHO_PRODUCTION else [])
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS") or ([".localhost", "127.0.0.1", "[::1]"] if not SCAIECHO_PRODUCTION else [])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
 
 # --- Applications ------------------------------------------------------------------------------
@@ -95,6 +132,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "scaiecho_site.metrics.HttpMetricsMiddleware",
     "scaiecho_site.middleware.RequestIdMiddleware",
     "scaiecho_site.middleware.EnvelopeFallbackMiddleware",
     "scaiecho_site.middleware.BodySizeLimitMiddleware",
@@ -231,13 +269,6 @@ TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
 
-# --- Security in production --------------------------------------------------------------------
-if SCAIECHO_PRODUCTION:
-    SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", True)
-    CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", True)
-    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
-SECURE_CONTENT_TYPE_NOSNIFF = True
-
 # --- REST framework and the API description ----------------------------------------------------
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["tenants.authentication.ApiKeyAuthentication"],
@@ -250,6 +281,7 @@ REST_FRAMEWORK = {
         "rest_framework.parsers.FormParser",
     ],
     "EXCEPTION_HANDLER": "scaiecho_site.envelope.exception_handler",
+    "DEFAULT_METADATA_CLASS": "scaiecho_site.envelope.EnvelopeMetadata",
     "UNAUTHENTICATED_USER": None,
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
 }
@@ -268,6 +300,7 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
+    "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "scaiecho_site.schema.require_request_bodies"],
 }
 
 # --- ScaiEcho ----------------------------------------------------------------------------------
@@ -324,6 +357,9 @@ SCAIECHO_WHISPER_ENGINE = env_str("SCAIECHO_WHISPER_ENGINE", "ctranslate2")
 SCAIECHO_WHISPER_COMPUTE_TYPE = env_str("SCAIECHO_WHISPER_COMPUTE_TYPE")
 # VAD windows decoded in one batched pass by the batch task (1: one window at a time).
 SCAIECHO_WHISPER_BATCH_SIZE = env_int("SCAIECHO_WHISPER_BATCH_SIZE", 4)
+# Beam search width of batch jobs and consent verification (1: greedy). Streams always decode
+# greedily, for latency. Measured on the real conversations (bench/accuracy, issue 10).
+SCAIECHO_WHISPER_BEAM_SIZE = env_int("SCAIECHO_WHISPER_BEAM_SIZE", 5)
 # On CUDA, concurrent callers in one worker (jobs' windows, stream sessions' spans) are gathered
 # into one batched pass: at most this many windows, waiting at most this long for company.
 SCAIECHO_GPU_MAX_BATCH = env_int("SCAIECHO_GPU_MAX_BATCH", 16)
@@ -336,12 +372,44 @@ SCAIECHO_LONG_AUDIO_PIECE_SECONDS = env_float("SCAIECHO_LONG_AUDIO_PIECE_SECONDS
 SCAIECHO_MAX_AUDIO_SECONDS = env_int("SCAIECHO_MAX_AUDIO_SECONDS", 3 * 3600)
 # How long an inline (synchronous) request waits for its job before answering BACKEND_TIMEOUT.
 SCAIECHO_SYNC_TIMEOUT_SECONDS = env_float("SCAIECHO_SYNC_TIMEOUT_SECONDS", 300.0)
+# --- Inline waits (transcription/limits.py, issue 11 "Inline waits") --------------------------
+# Inline requests waiting for their job at once, in this web process and per tenant (counted in
+# the cache: across processes with Redis). Over either, /transcribe answers 202 (the async path)
+# and the OpenAI-compatible endpoint 429 RATE_LIMITED, before any job exists.
+SCAIECHO_INLINE_MAX_WAITING_PER_PROCESS = env_int("SCAIECHO_INLINE_MAX_WAITING_PER_PROCESS", 16)
+SCAIECHO_INLINE_MAX_WAITING_PER_TENANT = env_int("SCAIECHO_INLINE_MAX_WAITING_PER_TENANT", 8)
+# A waiter's tenant slot lives this long unless refreshed (every third of it while it waits): a
+# web process that dies frees its tenant's places within it.
+SCAIECHO_INLINE_SLOT_TTL_SECONDS = env_float("SCAIECHO_INLINE_SLOT_TTL_SECONDS", 30.0)
+# A waiter is woken by the job's finished notification (Redis pub/sub); it also re-reads the row
+# this often, in case a notification was lost.
+SCAIECHO_INLINE_RECHECK_SECONDS = env_float("SCAIECHO_INLINE_RECHECK_SECONDS", 3.0)
 SCAIECHO_JOB_SOFT_TIME_LIMIT_SECONDS = env_int("SCAIECHO_JOB_SOFT_TIME_LIMIT_SECONDS", 3300)
 SCAIECHO_JOB_TIME_LIMIT_SECONDS = env_int("SCAIECHO_JOB_TIME_LIMIT_SECONDS", 3600)
 SCAIECHO_JOB_MAX_RETRIES = env_int("SCAIECHO_JOB_MAX_RETRIES", 3)
 SCAIECHO_JOB_RETRY_BACKOFF_SECONDS = env_int("SCAIECHO_JOB_RETRY_BACKOFF_SECONDS", 2)
 # A job is tried at most this many times in all (redeliveries after a worker died included).
 SCAIECHO_JOB_MAX_ATTEMPTS = env_int("SCAIECHO_JOB_MAX_ATTEMPTS", 5)
+# Every worker's heartbeat also sweeps: a job or piece held by a worker process that is gone goes
+# back to the queue (its task may be lost with it, as with the embedded broker); a job queued
+# longer than this fails ("queued too long") instead of waiting forever for a task that was lost.
+SCAIECHO_JOB_MAX_QUEUED_SECONDS = env_int("SCAIECHO_JOB_MAX_QUEUED_SECONDS", 6 * 3600)
+# Fair dispatch between tenants: a worker about to run a job or piece of a tenant that has more
+# running (or as many, and was served more recently) than another tenant with work waiting puts
+# it back for this many seconds and takes the next task; a task yields at most
+# SCAIECHO_FAIR_MAX_YIELDS times (0 turns fair dispatch off: plain FIFO).
+SCAIECHO_FAIR_YIELD_SECONDS = env_float("SCAIECHO_FAIR_YIELD_SECONDS", 1.0)
+SCAIECHO_FAIR_MAX_YIELDS = env_int("SCAIECHO_FAIR_MAX_YIELDS", 30)
+# A speaker enrollment is tried at most this many times (redeliveries after a worker died included).
+SCAIECHO_ENROLLMENT_MAX_ATTEMPTS = env_int("SCAIECHO_ENROLLMENT_MAX_ATTEMPTS", 3)
+# A job's or enrollment's task is sent just before its row commits; a worker that gets it first
+# waits this long for the row, then drops the task (the request died before committing).
+SCAIECHO_TASK_ROW_WAIT_SECONDS = env_float("SCAIECHO_TASK_ROW_WAIT_SECONDS", 2.0)
+# Queue space: unfinished (queued or running) jobs one API key, and one tenant, may have at once;
+# one more is 429 RATE_LIMITED with this retry_after.
+SCAIECHO_MAX_UNFINISHED_JOBS_PER_KEY = env_int("SCAIECHO_MAX_UNFINISHED_JOBS_PER_KEY", 50)
+SCAIECHO_MAX_UNFINISHED_JOBS_PER_TENANT = env_int("SCAIECHO_MAX_UNFINISHED_JOBS_PER_TENANT", 200)
+SCAIECHO_QUEUE_FULL_RETRY_AFTER_SECONDS = env_int("SCAIECHO_QUEUE_FULL_RETRY_AFTER_SECONDS", 30)
 
 # Object storage for staged uploads: local files under MEDIA_ROOT unless an S3 bucket is set.
 SCAIECHO_S3_BUCKET = env_str("SCAIECHO_S3_BUCKET")
@@ -387,13 +455,20 @@ SCAIECHO_SPEAKER_MODEL_DIR = env_str("SCAIECHO_SPEAKER_MODEL_DIR")
 # (bench/speakers: same person 0.53 at the least, different people 0.31 at the most, errors
 # balance at 0.415); synthetic espeak-ng voices are far more alike and need about 0.6.
 SCAIECHO_SPEAKER_MATCH_THRESHOLD = env_float("SCAIECHO_SPEAKER_MATCH_THRESHOLD", 0.40)
+# Each speaker also has a phone-band reference (their recording through a simulated phone line), so
+# a speaker enrolled from a wideband clip is named on a call; a voice must be this much more alike
+# to it than the threshold. Phone-band voices sit closer together: at 0.10 or less, strangers merged
+# into an enrolled caller's cluster took their name (see speakers.diarization.similarity).
+SCAIECHO_SPEAKER_PHONE_REFERENCE_MARGIN = env_float("SCAIECHO_SPEAKER_PHONE_REFERENCE_MARGIN", 0.15)
 # Diarization: average cosine similarity of two clusters of 1.5 s speech windows at or above which
 # they are one voice (batch clustering; streams compare a final with the voices met so far at the
-# same value). Measured on conversations of real people (tests/conversations.py, 10 wideband and 10
-# phone-band): 0.28 counted the speakers exactly in 8/10 wideband and 6/10 phone conversations with
-# 5.4 % / 10.9 % of speech frames on the wrong speaker, and kept every one-person recording one
-# speaker (they split only above 0.40); espeak-ng voices are far more alike and need about 0.6.
-SCAIECHO_SPEAKER_CLUSTER_THRESHOLD = env_float("SCAIECHO_SPEAKER_CLUSTER_THRESHOLD", 0.28)
+# wideband value). Phone audio (nothing above 4 kHz) is cut at its own value: voices on a phone line
+# sit closer together. Measured on conversations of real people (tests/conversations.py, 10 wideband
+# and 10 phone-band; bench/accuracy): 0.25 / 0.30 count the speakers exactly in 9/10 wideband and
+# 8/10 phone conversations; one-person recordings stay one speaker (they split only above 0.40);
+# espeak-ng voices are far more alike and need about 0.6.
+SCAIECHO_SPEAKER_CLUSTER_THRESHOLD = env_float("SCAIECHO_SPEAKER_CLUSTER_THRESHOLD", 0.25)
+SCAIECHO_SPEAKER_CLUSTER_THRESHOLD_NARROWBAND = env_float("SCAIECHO_SPEAKER_CLUSTER_THRESHOLD_NARROWBAND", 0.30)
 # Consent verification: the consent recording's transcript against consent_text (normalized WER),
 # and its voice against the reference voice (cosine similarity).
 SCAIECHO_SPEAKER_CONSENT_MAX_WER = env_float("SCAIECHO_SPEAKER_CONSENT_MAX_WER", 0.35)
@@ -406,6 +481,113 @@ SCAIECHO_SPEAKER_MAX_CLIPPED_RATIO = env_float("SCAIECHO_SPEAKER_MAX_CLIPPED_RAT
 SCAIECHO_SPEAKER_MIN_RMS_DBFS = env_float("SCAIECHO_SPEAKER_MIN_RMS_DBFS", -40.0)
 # Largest consent or reference upload.
 SCAIECHO_SPEAKER_MAX_UPLOAD_BYTES = env_int("SCAIECHO_SPEAKER_MAX_UPLOAD_BYTES", 20 * 1024 * 1024)
+
+# --- Admin and privacy (tenants/admin.py staff scope; transcription/storage.py, issue 11 item 7) --
+# Uploads above FILE_UPLOAD_MAX_MEMORY_SIZE spool to anonymous files (mode 0600, no name, so a
+# crashed process leaves nothing) in this folder, kept 0700.
+SCAIECHO_UPLOAD_TEMP_DIR = Path(env_str("SCAIECHO_UPLOAD_TEMP_DIR", str(SCAIECHO_DATA_DIR / "tmp" / "uploads")))
+SCAIECHO_UPLOAD_TEMP_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)  # Django's files.E001 wants it there
+FILE_UPLOAD_TEMP_DIR = str(SCAIECHO_UPLOAD_TEMP_DIR)
+FILE_UPLOAD_HANDLERS = [
+    "django.core.files.uploadhandler.MemoryFileUploadHandler",
+    "transcription.storage.PrivateTemporaryFileUploadHandler",
+]
+# Staged uploads and encrypted speaker recordings on local disk: files 0600 in folders 0700.
+if STORAGES["default"]["BACKEND"] == "django.core.files.storage.FileSystemStorage":
+    STORAGES["default"]["OPTIONS"] = {"file_permissions_mode": 0o600, "directory_permissions_mode": 0o700}
+# A worker starting deletes staged uploads older than this whose job has ended or never came to be.
+SCAIECHO_STAGED_ORPHAN_AGE_SECONDS = env_int("SCAIECHO_STAGED_ORPHAN_AGE_SECONDS", 3600)
+
+# --- Stream limits (streaming/limits.py, issue 11 "Streams") ------------------------------------
+# Live sessions per API key (caption tokens count toward the key that minted them) and per tenant;
+# the next open closes 4429. Each holds a cache slot refreshed while it runs: a crashed web
+# process frees its slots within the TTL.
+SCAIECHO_STREAM_MAX_PER_KEY = env_int("SCAIECHO_STREAM_MAX_PER_KEY", 8)
+SCAIECHO_STREAM_MAX_PER_TENANT = env_int("SCAIECHO_STREAM_MAX_PER_TENANT", 64)
+SCAIECHO_STREAM_SLOT_TTL_SECONDS = env_float("SCAIECHO_STREAM_SLOT_TTL_SECONDS", 30.0)
+# Stream opens per SCAIECHO_RATELIMIT_WINDOW_SECONDS, per key and per tenant (over it: 4429).
+SCAIECHO_STREAM_OPENS_PER_KEY = env_int("SCAIECHO_STREAM_OPENS_PER_KEY", 30)
+SCAIECHO_STREAM_OPENS_PER_TENANT = env_int("SCAIECHO_STREAM_OPENS_PER_TENANT", 300)
+# Decoded audio faster than this many times real time, once a burst is spent, closes 4429.
+SCAIECHO_STREAM_MAX_SPEED = env_float("SCAIECHO_STREAM_MAX_SPEED", 2.0)
+SCAIECHO_STREAM_BURST_SECONDS = env_float("SCAIECHO_STREAM_BURST_SECONDS", 30.0)
+# Frames received but not yet handled, per session (the backend is behind): over either, 4429.
+SCAIECHO_STREAM_MAX_PENDING_FRAMES = env_int("SCAIECHO_STREAM_MAX_PENDING_FRAMES", 256)
+SCAIECHO_STREAM_MAX_PENDING_BYTES = env_int("SCAIECHO_STREAM_MAX_PENDING_BYTES", 8 * 1024 * 1024)
+# /oai/v1/realtime: input_audio_buffer.commit and .clear events whose finals the backend has not
+# delivered yet; one more closes the session 4429.
+SCAIECHO_REALTIME_MAX_PENDING_COMMITS = env_int("SCAIECHO_REALTIME_MAX_PENDING_COMMITS", 32)
+# Audio sent to the stream worker and not yet decoded, per session: beyond it the session waits.
+SCAIECHO_STREAM_MAX_INFLIGHT_SECONDS = env_float("SCAIECHO_STREAM_MAX_INFLIGHT_SECONDS", 60.0)
+# A stream worker's per-session inbox: more audio than this waiting ends the session (4429).
+SCAIECHO_STREAM_WORKER_INBOX_SECONDS = env_float("SCAIECHO_STREAM_WORKER_INBOX_SECONDS", 120.0)
+
+# --- Request bodies (scaiecho_site/bodylimit.py) -----------------------------------------------
+# The body limit of every route but the uploads (which take SCAIECHO_MAX_UPLOAD_BYTES, and speaker
+# enrollment two SCAIECHO_SPEAKER_MAX_UPLOAD_BYTES recordings, plus 64 KiB of multipart framing).
+# A larger body is refused with 413 while it arrives, with or without Content-Length.
+SCAIECHO_MAX_REQUEST_BYTES = env_int("SCAIECHO_MAX_REQUEST_BYTES", 1024 * 1024)
+
+# --- Webhooks (contract section 8) --------------------------------------------------------------
+# Destinations whose host is (or resolves to) a private, loopback, link-local, unspecified or
+# otherwise non-public address are refused, when the URL is given and again before every delivery
+# attempt (DNS may have changed), unless this is on: for tests and closed networks only.
+SCAIECHO_WEBHOOK_ALLOW_PRIVATE = env_bool("SCAIECHO_WEBHOOK_ALLOW_PRIVATE", False)
+# The longest webhook_url accepted (characters).
+SCAIECHO_WEBHOOK_MAX_URL_LENGTH = env_int("SCAIECHO_WEBHOOK_MAX_URL_LENGTH", 2048)
+# One delivery attempt: connect, send and read the answer within this many seconds.
+SCAIECHO_WEBHOOK_TIMEOUT_SECONDS = env_float("SCAIECHO_WEBHOOK_TIMEOUT_SECONDS", 10.0)
+# Attempts per event (the first one included); timeouts, connection errors and 5xx are retried,
+# attempt n+1 waiting BASE * 2**(n-1) seconds (at most RETRY_MAX): 10, 20, 40, 80, 160 s by default.
+SCAIECHO_WEBHOOK_MAX_ATTEMPTS = env_int("SCAIECHO_WEBHOOK_MAX_ATTEMPTS", 6)
+SCAIECHO_WEBHOOK_RETRY_BASE_SECONDS = env_float("SCAIECHO_WEBHOOK_RETRY_BASE_SECONDS", 10.0)
+SCAIECHO_WEBHOOK_RETRY_MAX_SECONDS = env_float("SCAIECHO_WEBHOOK_RETRY_MAX_SECONDS", 3600.0)
+# How much of a receiver's answer is read (and kept on the attempt, for the admin); the rest is dropped.
+SCAIECHO_WEBHOOK_MAX_RESPONSE_BYTES = env_int("SCAIECHO_WEBHOOK_MAX_RESPONSE_BYTES", 4096)
+# Fernet keys (comma-separated, newest first) that encrypt the tenants' webhook signing secrets at
+# rest; older keys still decrypt. Production refuses to start without one (scaiecho.E013);
+# development derives a fixed key from SECRET_KEY.
+SCAIECHO_WEBHOOK_SECRET_KEYS = env_list("SCAIECHO_WEBHOOK_SECRET_KEYS")
+
+# --- Secure by default: transport, proxies, failed authentication, caption tokens ---------------
+# Proxies whose X-Forwarded-For and X-Forwarded-Proto are believed (addresses or CIDR ranges,
+# comma-separated). Empty: no proxy header is trusted, the peer's address is the client's and
+# X-Forwarded-Proto is ignored. Set it only when every request reaches the service through them.
+SCAIECHO_TRUSTED_PROXIES = env_list("SCAIECHO_TRUSTED_PROXIES")
+if SCAIECHO_TRUSTED_PROXIES:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_CONTENT_TYPE_NOSNIFF = True
+if SCAIECHO_PRODUCTION:
+    SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", True)
+    SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31536000)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+    SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
+    SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", True)
+    CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", True)
+# Load balancers probe health over plain HTTP: never redirect them (patterns match the path
+# without its leading slash).
+# Prometheus scrapes /metrics over plain HTTP on the private network; who may read it is decided
+# by SCAIECHO_METRICS_ALLOWED_ADDRESSES / SCAIECHO_METRICS_TOKEN.
+SECURE_REDIRECT_EXEMPT = [r"^(v1/modules/scaiecho/)?(healthz|readyz|metrics)$"]
+# Failed authentication (a wrong, revoked or malformed key or caption token) per client address:
+# after this many in a sliding window, every attempt from the address, a right key too, gets 429
+# (WebSockets close 4429) until the window lets one more in. 0 turns the limit off.
+SCAIECHO_AUTH_FAILURES_PER_ADDRESS = env_int("SCAIECHO_AUTH_FAILURES_PER_ADDRESS", 20)
+SCAIECHO_AUTH_FAILURE_WINDOW_SECONDS = env_int("SCAIECHO_AUTH_FAILURE_WINDOW_SECONDS", 300)
+# Caption tokens (sct_): the lifetime a token gets unless asked otherwise, and the longest one may
+# have; a token is never honoured past the maximum, whatever it was issued with.
+SCAIECHO_CAPTION_TOKEN_TTL_SECONDS = env_int("SCAIECHO_CAPTION_TOKEN_TTL_SECONDS", 600)
+SCAIECHO_CAPTION_TOKEN_MAX_TTL_SECONDS = env_int("SCAIECHO_CAPTION_TOKEN_MAX_TTL_SECONDS", 3600)
+
+# --- Metrics (scaiecho_site/monitoring.py) ------------------------------------------------------
+# Who may read /metrics: these client addresses or CIDR ranges (comma-separated; set it empty to
+# allow none and rely on the token), or a request with "Authorization: Bearer <token>".
+SCAIECHO_METRICS_ALLOWED_ADDRESSES = (
+    env_list("SCAIECHO_METRICS_ALLOWED_ADDRESSES")
+    if os.environ.get("SCAIECHO_METRICS_ALLOWED_ADDRESSES") is not None
+    else ["127.0.0.0/8", "::1"]
+)
+SCAIECHO_METRICS_TOKEN = env_str("SCAIECHO_METRICS_TOKEN")
 
 # --- Logging -----------------------------------------------------------------------------------
 LOGGING = {

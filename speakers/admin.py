@@ -1,11 +1,16 @@
 """Consent custodians' view of the speaker library.
 
-Custodians (staff with ``speakers.review_consent``, or superusers) see enrollments with their
-consent text, stated purpose and verification scores, play the consent recording in the page,
+Custodians see enrollments with their consent text, stated purpose and verification scores, play the consent recording in the page,
 approve or reject pending reviews with a note, and erase speakers. Every decision goes through
 the same services as the API, so it writes the same consent events and audit rows. Embeddings are
 never shown: :class:`~speakers.models.SpeakerEmbedding` is not registered and no field shows it.
 Consent events and erasure audits are read-only here, as everywhere.
+
+Custody is granted per tenant: a custodian of a tenant is a superuser, or a staff user with the
+``speakers.review_consent`` permission whose :class:`~tenants.models.StaffTenant` binding to that
+tenant is marked ``consent_custodian``. Like every admin here, these pages are tenant-scoped
+(:class:`~tenants.admin.TenantScopedAdmin`): another tenant's speaker answers 404, and a
+custodian of tenant A cannot review, play or erase tenant B's speakers.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
+from django.db import transaction
 from django.db.models import QuerySet
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
@@ -24,6 +30,7 @@ from scaiecho_site import errors
 from speakers.models import ConsentEvent, ErasureAudit, Speaker
 from speakers.services import recording_read, speaker_erase, speaker_review
 from speech.audio import sniff_extension
+from tenants.admin import TenantScopedAdmin, custodian_tenant_ids
 from tenants.context import actor_from_request
 from tenants.services import audit_record
 
@@ -55,8 +62,18 @@ class PendingReviewFilter(admin.SimpleListFilter):
         return queryset
 
 
+def is_custodian(request: HttpRequest, *, tenant_id: Any = None) -> bool:
+    """Whether this admin user is a consent custodian of ``tenant_id`` (of any tenant when ``None``)."""
+    if not request.user.has_perm(REVIEW_PERMISSION):
+        return False
+    tenants = custodian_tenant_ids(request)
+    if tenants is None:
+        return True
+    return tenant_id in tenants if tenant_id is not None else bool(tenants)
+
+
 @admin.register(Speaker)
-class SpeakerAdmin(admin.ModelAdmin):
+class SpeakerAdmin(TenantScopedAdmin):
     list_display = ("display_name_or_tombstone", "tenant", "status", "stage", "created_at", "verified_at", "erased_at")
     list_filter = (PendingReviewFilter, "status", "tenant")
     search_fields = ("display_name", "id")
@@ -84,7 +101,7 @@ class SpeakerAdmin(admin.ModelAdmin):
 
     def get_actions(self, request: HttpRequest) -> dict[str, Any]:
         actions = super().get_actions(request)
-        if not request.user.has_perm(REVIEW_PERMISSION):
+        if not is_custodian(request):
             actions.pop("erase_selected", None)
         return actions
 
@@ -92,11 +109,15 @@ class SpeakerAdmin(admin.ModelAdmin):
 
     @admin.action(description="Erase selected speakers (destroys voice data)")
     def erase_selected(self, request: HttpRequest, queryset: QuerySet[Speaker]) -> None:
-        self._require_custodian(request)
-        count = 0
-        for speaker in queryset.select_related("tenant").exclude(status=Speaker.Status.ERASED):
-            speaker_erase(ctx=actor_from_request(request, tenant=speaker.tenant), speaker_id=speaker.pk, via="admin")
-            count += 1
+        # The changelist's queryset holds only this user's tenants; custody is checked per speaker,
+        # for all of them before any is erased, so a mixed selection erases nothing.
+        speakers = list(queryset.select_related("tenant").exclude(status=Speaker.Status.ERASED))
+        for speaker in speakers:
+            self._require_custodian(request, speaker)
+        with transaction.atomic():
+            for speaker in speakers:
+                speaker_erase(ctx=actor_from_request(request, tenant=speaker.tenant), speaker_id=speaker.pk, via="admin")
+        count = len(speakers)
         self.message_user(request, f"Erased {count} speaker(s).", messages.SUCCESS)
 
     # --- custodian pages ---------------------------------------------------------------------
@@ -114,31 +135,32 @@ class SpeakerAdmin(admin.ModelAdmin):
             *super().get_urls(),
         ]
 
-    def _require_custodian(self, request: HttpRequest) -> None:
-        if not request.user.has_perm(REVIEW_PERMISSION):
+    def _require_custodian(self, request: HttpRequest, speaker: Speaker) -> None:
+        if not is_custodian(request, tenant_id=speaker.tenant_id):
             raise PermissionDenied
 
-    def _speaker(self, speaker_id: Any) -> Speaker:
-        speaker = Speaker.objects.select_related("tenant", "consent").filter(pk=speaker_id).first()
+    def _speaker(self, request: HttpRequest, speaker_id: Any) -> Speaker:
+        """The speaker, if this user's tenant scope holds it; another tenant's is not found."""
+        speaker = self.get_queryset(request).select_related("tenant", "consent").filter(pk=speaker_id).first()
         if speaker is None:
             raise Http404("No such speaker.")
         return speaker
 
     def change_view(self, request: HttpRequest, object_id: str, form_url: str = "", extra_context: dict[str, Any] | None = None) -> HttpResponse:
-        speaker = Speaker.objects.select_related("consent").filter(pk=object_id).first()
+        speaker = self._speaker(request, object_id)
         context = {
             **(extra_context or {}),
             "speaker": speaker,
-            "consent": getattr(speaker, "consent", None) if speaker else None,
-            "events": ConsentEvent.objects.filter(speaker_id=object_id) if speaker else [],
-            "is_custodian": request.user.has_perm(REVIEW_PERMISSION),
+            "consent": getattr(speaker, "consent", None),
+            "events": ConsentEvent.objects.filter(speaker_id=speaker.pk),
+            "is_custodian": is_custodian(request, tenant_id=speaker.tenant_id),
             "review_form": ReviewForm(),
         }
         return super().change_view(request, object_id, form_url, extra_context=context)
 
     def review_view(self, request: HttpRequest, speaker_id: Any) -> HttpResponse:
-        self._require_custodian(request)
-        speaker = self._speaker(speaker_id)
+        speaker = self._speaker(request, speaker_id)
+        self._require_custodian(request, speaker)
         change_url = reverse("admin:speakers_speaker_change", args=[speaker.pk])
         if request.method != "POST":
             return HttpResponseRedirect(change_url)
@@ -161,8 +183,8 @@ class SpeakerAdmin(admin.ModelAdmin):
         return HttpResponseRedirect(change_url)
 
     def erase_view(self, request: HttpRequest, speaker_id: Any) -> HttpResponse:
-        self._require_custodian(request)
-        speaker = self._speaker(speaker_id)
+        speaker = self._speaker(request, speaker_id)
+        self._require_custodian(request, speaker)
         if request.method == "POST":
             speaker_erase(ctx=actor_from_request(request, tenant=speaker.tenant), speaker_id=speaker.pk, via="admin")
             self.message_user(request, "The speaker was erased: embedding and recordings destroyed.", messages.SUCCESS)
@@ -172,8 +194,8 @@ class SpeakerAdmin(admin.ModelAdmin):
 
     def recording_view(self, request: HttpRequest, speaker_id: Any, which: str) -> HttpResponse:
         """Stream one decrypted recording to a custodian; the playback is audited, never cached."""
-        self._require_custodian(request)
-        speaker = self._speaker(speaker_id)
+        speaker = self._speaker(request, speaker_id)
+        self._require_custodian(request, speaker)
         consent = getattr(speaker, "consent", None)
         name = {"consent": getattr(consent, "consent_path", ""), "reference": getattr(consent, "reference_path", "")}.get(which)
         if not name:
@@ -192,7 +214,9 @@ class SpeakerAdmin(admin.ModelAdmin):
         return response
 
 
-class ReadOnlyAdmin(admin.ModelAdmin):
+class ReadOnlyAdmin(TenantScopedAdmin):
+    tenant_lookup = "tenant_id"  # the append-only trails copy the tenant id: they outlive the tenant
+
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 

@@ -25,6 +25,21 @@ from tenants.permissions import TenantApiView
 from tenants.services import audit_record
 
 LANGUAGE = r"^[a-z]{2}$"
+MAX_OFFSET = 1_000_000_000
+# What a text field accepts: DRF strips Python's whitespace and refuses NUL, so a value needs one
+# character that is neither, and no NUL anywhere.
+_PY_SPACE = "\\t\\n\\u000b\\u000c\\r\\u001c-\\u001f \\u0085\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000"
+TEXT = {"type": "string", "pattern": f"^[^\\u0000]*[^\\u0000{_PY_SPACE}][^\\u0000]*$"}
+SPEAKER_PATCH_SCHEMA = {
+    "type": "object",
+    "description": "Only display_name, description and language_primary can change; any other field is 422.",
+    "properties": {
+        "display_name": {**TEXT, "maxLength": 200},
+        "description": {"type": "string", "pattern": "^[^\\u0000]*$"},
+        "language_primary": {"type": "string", "pattern": LANGUAGE},
+    },
+    "additionalProperties": False,
+}
 
 
 class SpeakerOutput(serializers.Serializer):
@@ -99,15 +114,36 @@ class SpeakerListApi(TenantApiView):
         reference = serializers.FileField(allow_empty_file=True)
         consent = serializers.FileField(allow_empty_file=True)
 
+        class Meta:
+            ref_name = "SpeakerEnrollInput"
+
     class PageSerializer(serializers.Serializer):
         limit = serializers.IntegerField(min_value=1, max_value=200, default=50)
-        offset = serializers.IntegerField(min_value=0, default=0)
+        # Bounded so that offset + limit stays a PostgreSQL bigint (a larger one was a 500).
+        offset = serializers.IntegerField(min_value=0, max_value=MAX_OFFSET, default=0)
         status = serializers.ChoiceField(choices=Speaker.Status.choices, required=False)
+
+        def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+            # DRF reads an empty query value (``?status=``) as absent; it is no value of the field.
+            blank = [name for name in self.fields if self.initial_data.get(name) == ""]
+            if blank:
+                raise serializers.ValidationError({name: "May not be blank." for name in blank})
+            return attrs
+
+    class PageOutput(serializers.Serializer):
+        items = SpeakerOutput(many=True)
+        count = serializers.IntegerField()
+        limit = serializers.IntegerField()
+        offset = serializers.IntegerField()
+        next_offset = serializers.IntegerField(allow_null=True)
+
+        class Meta:
+            ref_name = "SpeakerPage"
 
     @extend_schema(
         operation_id="speakers_enroll",
         request={"multipart/form-data": InputSerializer},
-        responses=responses(202, "SpeakerEnrollEnvelope", SpeakerOutput(), 413, 415, 422),
+        responses=responses(202, "SpeakerEnrollEnvelope", SpeakerOutput(), 413, 415, 422, 503),
     )
     def post(self, request: Request) -> Response:
         serializer = self.InputSerializer(data=request.data)
@@ -128,7 +164,7 @@ class SpeakerListApi(TenantApiView):
         )
         return ok(request, speaker_data(speaker), status=202)
 
-    @extend_schema(operation_id="speakers_list", parameters=[PageSerializer], responses=responses(200, "SpeakerListEnvelope", SpeakerOutput(many=True)))
+    @extend_schema(operation_id="speakers_list", parameters=[PageSerializer], responses=responses(200, "SpeakerListEnvelope", PageOutput(), 422))
     def get(self, request: Request) -> Response:
         page = self.PageSerializer(data=request.query_params)
         page.is_valid(raise_exception=True)
@@ -151,14 +187,24 @@ class SpeakerListApi(TenantApiView):
         )
 
 
+class JsonText(serializers.CharField):
+    """A string in a JSON body: a number or a boolean is refused, not turned into text (DRF's
+    ``CharField`` would store ``0.0`` as the name "0.0")."""
+
+    def to_internal_value(self, data: Any) -> str:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
 class SpeakerDetailApi(TenantApiView):
     required_permission = PERM_ENROLL
     audit_action = "speaker.read"
     audit_actions = {"PATCH": "speaker.update", "DELETE": "speaker.erase"}
 
     class PatchSerializer(serializers.Serializer):
-        display_name = serializers.CharField(max_length=200, required=False)
-        description = serializers.CharField(required=False, allow_blank=True)
+        display_name = JsonText(max_length=200, required=False)
+        description = JsonText(required=False, allow_blank=True)
         language_primary = serializers.RegexField(LANGUAGE, required=False)
 
         def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
@@ -173,7 +219,7 @@ class SpeakerDetailApi(TenantApiView):
         audit_record(ctx=self.actor(), action="speaker.read", resource_type="speaker", resource_id=str(speaker.pk))
         return ok(request, speaker_data(speaker))
 
-    @extend_schema(operation_id="speakers_update", request=PatchSerializer, responses=responses(200, "SpeakerEnvelope", SpeakerOutput(), 404, 422))
+    @extend_schema(operation_id="speakers_update", request={"application/json": SPEAKER_PATCH_SCHEMA}, responses=responses(200, "SpeakerUpdateEnvelope", SpeakerOutput(), 404, 422))
     def patch(self, request: Request, speaker_id: str) -> Response:
         speaker = speaker_of_tenant(tenant_id=self.tenant.pk, speaker_id=speaker_id)
         serializer = self.PatchSerializer(data=request.data)
@@ -181,7 +227,7 @@ class SpeakerDetailApi(TenantApiView):
         speaker = speaker_update(ctx=self.actor(), speaker=speaker, changes=serializer.validated_data)
         return ok(request, speaker_data(speaker_of_tenant(tenant_id=self.tenant.pk, speaker_id=str(speaker.pk))))
 
-    @extend_schema(operation_id="speakers_erase", responses=responses(200, "SpeakerEnvelope", SpeakerOutput(), 404))
+    @extend_schema(operation_id="speakers_erase", responses=responses(200, "SpeakerEraseEnvelope", SpeakerOutput(), 404))
     def delete(self, request: Request, speaker_id: str) -> Response:
         speaker = speaker_of_tenant(tenant_id=self.tenant.pk, speaker_id=speaker_id)
         speaker = speaker_erase(ctx=self.actor(), speaker_id=speaker.pk, via="api")

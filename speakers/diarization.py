@@ -2,18 +2,23 @@
 
 Runs on workers only (it computes embeddings). Two modes share the embeddings (ECAPA windows of
 :mod:`speech.clustering`) and the thresholds (``SCAIECHO_SPEAKER_CLUSTER_THRESHOLD`` between
-voices, ``SCAIECHO_SPEAKER_MATCH_THRESHOLD`` against enrolled speakers):
+voices, ``..._NARROWBAND`` for phone audio, ``SCAIECHO_SPEAKER_MATCH_THRESHOLD`` against enrolled
+speakers):
 
 - **Batch** (:func:`diarize_recording`): the whole recording is known, so its speech is clustered
   at once — windows → clusters → cluster centroids matched one-to-one to the enrolled speakers
   (Hungarian assignment) → each word to the speaker of the windows around it → segments split
   where the speaker changes. One voice is one cluster is one label, however often it speaks.
 - **Stream** (:func:`attribute_final`): finals arrive one by one, so a :class:`SpeakerTracker`
-  lives for the session and keeps the anonymous voices it has met as running-mean centroids; a
-  final in which the voice changes is split there.
+  lives for the session, takes its band's cluster threshold from the first final's audio, and
+  keeps the anonymous voices it has met as running-mean centroids; a final in which the voice
+  changes is split there.
 
 The enrolled candidates are passed in on every call (read fresh by
-``speakers.selectors.speaker_candidates``), so an erased speaker stops matching at once.
+``speakers.selectors.speaker_candidates``), so an erased speaker stops matching at once. A voice
+is compared with both of a candidate's references, the recording's own and its phone-band copy
+(:func:`similarity`): ECAPA places one person on a phone line far from their wideband self, and a
+caller enrolled from a wideband clip would otherwise go unnamed.
 """
 
 from __future__ import annotations
@@ -53,8 +58,37 @@ def _cluster_threshold() -> float:
     return settings.SCAIECHO_SPEAKER_CLUSTER_THRESHOLD
 
 
+def _recording_threshold(audio: np.ndarray) -> float:
+    """The cluster threshold for this recording's band: voices on a phone line sit closer together."""
+    if clustering.narrowband(audio):
+        return settings.SCAIECHO_SPEAKER_CLUSTER_THRESHOLD_NARROWBAND
+    return settings.SCAIECHO_SPEAKER_CLUSTER_THRESHOLD
+
+
 def _match_threshold() -> float:
     return settings.SCAIECHO_SPEAKER_MATCH_THRESHOLD
+
+
+def similarity(embedding: np.ndarray, candidate: Candidate) -> float:
+    """How alike ``embedding`` is to an enrolled speaker: the better of their reference recording
+    and its phone-band copy, this one less ``SCAIECHO_SPEAKER_PHONE_REFERENCE_MARGIN``. A speaker
+    enrolled before the phone-band reference was stored is compared with the recording's alone.
+
+    Whatever the band of the audio: on wideband audio the phone-band reference seldom wins, and
+    preferring the band's own reference (phone audio is told by ``clustering.narrowband``) named
+    fewer turns, since a recording of a narrowband source is narrowband however it is sent.
+    Measured on the test conversations (tests/conversations.py), enrolling each choice of one or two
+    of their people from wideband clips, turns of 1.5 s or more, named in batch / stream: over a
+    phone line 152 / 122 of 161 with the recording's reference alone, 161 / 155 with both at the
+    margin 0.15, wrong names as before (batch 0, stream 5 turns; at no margin batch 15 of 146
+    strangers' turns, 6 at 0.10: a stranger merged into an enrolled voice's cluster took its name);
+    wideband 161 / 158 either way (``bench/phone_enrollment.py``).
+    """
+    score = cosine_similarity(embedding, candidate.embedding)
+    if candidate.phone_embedding is not None:
+        margin = settings.SCAIECHO_SPEAKER_PHONE_REFERENCE_MARGIN
+        score = max(score, cosine_similarity(embedding, candidate.phone_embedding) - margin)
+    return score
 
 
 @dataclass(frozen=True)
@@ -75,7 +109,7 @@ def _match_clusters(means: dict[int, np.ndarray], candidates: list[Candidate], t
     if not means or not candidates:
         return {}
     keys = list(means)
-    scores = np.array([[cosine_similarity(means[key], c.embedding) for c in candidates] for key in keys])
+    scores = np.array([[similarity(means[key], c) for c in candidates] for key in keys])
     rows, cols = linear_sum_assignment(scores, maximize=True)
     return {keys[r]: candidates[c] for r, c in zip(rows, cols, strict=True) if scores[r, c] >= threshold}
 
@@ -137,7 +171,6 @@ def diarize_recording(
     their name and id; every other voice is ``SPEAKER_n``, numbered by first appearance.
     Segments without text are dropped.
     """
-    cluster_threshold = _cluster_threshold() if cluster_threshold is None else cluster_threshold
     match_threshold = _match_threshold() if match_threshold is None else match_threshold
     segments = [segment for segment in segments if segment.text.strip()]
     if not segments:
@@ -152,7 +185,7 @@ def diarize_recording(
         return [replace(segment, speaker_id=None, speaker_label="SPEAKER_1") for segment in segments]
     labels = clustering.cluster_windows(
         windows,
-        threshold=cluster_threshold,
+        threshold=_recording_threshold(audio) if cluster_threshold is None else cluster_threshold,
         num_speakers=num_speakers,
         min_speakers=min_speakers,
         max_speakers=max_speakers,
@@ -198,16 +231,28 @@ class _Anonymous:
 @dataclass
 class SpeakerTracker:
     """Attributes voices within one stream session: enrolled speakers at the match threshold,
-    unknown voices at the cluster threshold against running-mean centroids of the voices met."""
+    unknown voices at the cluster threshold against running-mean centroids of the voices met.
+
+    Without an ``anon_threshold``, the first final fixes it from the session's band (see
+    :meth:`tune`), as batch does per recording: on a phone line voices sit closer together, and at
+    the wideband threshold two callers would share one ``SPEAKER_n``.
+    """
 
     match_threshold: float = field(default_factory=_match_threshold)
-    anon_threshold: float = field(default_factory=_cluster_threshold)
+    anon_threshold: float | None = None
     anonymous: list[_Anonymous] = field(default_factory=list)
+
+    def tune(self, audio: np.ndarray) -> float:
+        """The threshold between anonymous voices, fixed on the first call by the band of ``audio``
+        (the session's audio so far); one session is one line, so later audio does not change it."""
+        if self.anon_threshold is None:
+            self.anon_threshold = _recording_threshold(audio)
+        return self.anon_threshold
 
     def _closest(self, embedding: np.ndarray, candidates: list[Candidate]) -> tuple[Candidate | None, float]:
         best, best_score = None, -1.0
         for candidate in candidates:
-            score = cosine_similarity(embedding, candidate.embedding)
+            score = similarity(embedding, candidate)
             if score > best_score:
                 best, best_score = candidate, score
         return best, best_score
@@ -226,7 +271,8 @@ class SpeakerTracker:
         if candidate is not None and score >= self.match_threshold:
             return Attribution(speaker_id=candidate.speaker_id, label=candidate.label, score=score)
         voice, anon_score = self._closest_anonymous(embedding)
-        if voice is not None and anon_score >= self.anon_threshold:
+        anon_threshold = _cluster_threshold() if self.anon_threshold is None else self.anon_threshold
+        if voice is not None and anon_score >= anon_threshold:
             total = voice.centroid * voice.count + embedding
             voice.centroid = total / (np.linalg.norm(total) or 1.0)
             voice.count += 1
@@ -327,9 +373,10 @@ def attribute_final(
     ``embed_until`` lets a short final be embedded with the audio after it (the same speaker going
     on, or the pause after the turn); pieces still report the final's own span.
     """
+    threshold = tracker.tune(audio)
     cuts: list[float] = []
     if split and end - start >= SPLIT_MIN_SECONDS and len(text.split()) > 1:
-        cuts = _change_points(audio, start, end, encoder=encoder, threshold=tracker.anon_threshold)
+        cuts = _change_points(audio, start, end, encoder=encoder, threshold=threshold)
     groups: list[tuple[float, float, str]] = [(start, end, text)]
     if cuts:
         timed = _timed_words(text, words, start, end)

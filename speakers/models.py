@@ -87,11 +87,19 @@ class ConsentRecord(models.Model):
 
 
 class SpeakerEmbedding(models.Model):
-    """The voice embedding, encrypted with the biometric key. Never shown, never returned."""
+    """The voice embeddings, encrypted with the biometric key. Never shown, never returned.
+
+    Two of one reference recording: as recorded (``ciphertext``) and through a simulated phone
+    line (``phone_ciphertext``, see ``speech.audio.phone_band``), so that a speaker enrolled from
+    a wideband clip is recognised on a call too. Speakers enrolled before the phone-band one was
+    stored have none; both go with the row.
+    """
 
     speaker = models.OneToOneField(Speaker, on_delete=models.CASCADE, related_name="embedding")
     ciphertext = models.BinaryField()
     sha256 = models.CharField(max_length=64, help_text="Of the plaintext vector, for the erasure audit.")
+    phone_ciphertext = models.BinaryField(null=True, blank=True)
+    phone_sha256 = models.CharField(max_length=64, blank=True, help_text="Of the phone-band plaintext vector.")
     model_name = models.CharField(max_length=100)
     dims = models.PositiveIntegerField()
     created_at = models.DateTimeField(auto_now_add=True)
@@ -163,7 +171,8 @@ class ErasureAudit(AppendOnlyModel):
     api_key_id = models.UUIDField(null=True, blank=True)
     via = models.CharField(max_length=20, help_text="api or admin")
     request_id = models.CharField(max_length=128, blank=True)
-    # [{"item": "embedding" | "reference_recording" | "consent_recording", "sha256": ..., ...}]
+    # [{"item": "embedding" | "phone_embedding" | "reference_recording" | "consent_recording",
+    #   "sha256": ..., ...}]
     destroyed = models.JSONField(default=list)
 
     class Meta:

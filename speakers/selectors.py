@@ -42,11 +42,17 @@ def unknown_speaker_ids(*, tenant_id: Any, speaker_ids: Iterable[str]) -> list[s
 
 @dataclass(frozen=True)
 class Candidate:
-    """An enrolled voice diarization may attribute speech to. Lives only in a worker's memory."""
+    """An enrolled voice diarization may attribute speech to. Lives only in a worker's memory.
+
+    ``embedding`` is the reference recording's; ``phone_embedding`` the same recording's through a
+    simulated phone line (``speech.audio.phone_band``), or ``None`` for speakers enrolled before it
+    was stored.
+    """
 
     speaker_id: str
     label: str
     embedding: np.ndarray
+    phone_embedding: np.ndarray | None = None
 
 
 def speaker_candidates(*, tenant_id: Any, speaker_ids: Iterable[str] = ()) -> list[Candidate]:
@@ -69,6 +75,9 @@ def speaker_candidates(*, tenant_id: Any, speaker_ids: Iterable[str] = ()) -> li
             speaker_id=str(row.speaker_id),
             label=row.speaker.display_name,
             embedding=embedding_from_bytes(crypto.decrypt(bytes(row.ciphertext))),
+            phone_embedding=(
+                embedding_from_bytes(crypto.decrypt(bytes(row.phone_ciphertext))) if row.phone_ciphertext else None
+            ),
         )
         for row in rows
     ]

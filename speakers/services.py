@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -22,11 +26,12 @@ from django.db import transaction
 from django.utils import timezone
 
 from scaiecho_site import errors
+from scaiecho_site.celery import enqueue_or_raise
 from speakers import crypto
 from speakers.models import ConsentEvent, ConsentRecord, ErasureAudit, Speaker, SpeakerEmbedding
 from speakers.preflight import preflight_reference
 from speakers.verification import consent_verdict
-from speech.audio import decode_audio
+from speech.audio import decode_audio, phone_band
 from speech.engines.base import TranscribeOptions
 from tenants.context import ActorContext
 from tenants.services import audit_record, policy_get_or_provision
@@ -36,6 +41,8 @@ logger = logging.getLogger("scaiecho.speakers")
 STORAGE_PREFIX = "scaiecho/speakers"
 REASON_UNREADABLE = "recording_unreadable"
 REASON_ERROR = "enrollment_error"
+REASON_QUEUE_UNAVAILABLE = "queue_unavailable"  # the broker could not take the enrollment
+REASON_ATTEMPTS_EXHAUSTED = "attempts_exhausted"  # SCAIECHO_ENROLLMENT_MAX_ATTEMPTS deliveries
 
 
 # --- Consent events --------------------------------------------------------------------------------
@@ -159,7 +166,10 @@ def speaker_enroll(*, ctx: ActorContext, data: EnrollmentInput) -> Speaker:
                 },
             )
             audit_record(ctx=ctx, action="speaker.enroll", resource_type="speaker", resource_id=str(speaker.pk))
-            transaction.on_commit(lambda: process_speaker_enrollment.delay(str(speaker.pk)))
+            # Sent before the commit (as a transcription job is): a broker that cannot take it
+            # rolls the enrollment back (503, nothing kept), and a process that dies in between
+            # leaves a task without a row, never a pending enrollment without a task.
+            enqueue_or_raise(process_speaker_enrollment, str(speaker.pk))
     except Exception:
         for name in stored:
             recording_destroy(name=name)
@@ -174,6 +184,10 @@ def _set_stage(speaker_id: Any, stage: str) -> None:
 def speaker_enrollment_run(*, speaker_id: str) -> None:
     """The enrollment job, on a worker: embed both recordings, verify the consent, decide.
 
+    The reference is embedded twice, as recorded and through a simulated phone line, so that a
+    speaker enrolled from a wideband clip is recognised on a call as well (diarization matches the
+    better of the two); the consent check compares the recordings as they are.
+
     The consent recording is transcribed by this worker's own Whisper model whatever the tenant's
     backend policy: biometric recordings never leave our workers for a third-party relay. A speaker
     erased while this ran is left erased, and nothing computed here is kept.
@@ -181,13 +195,23 @@ def speaker_enrollment_run(*, speaker_id: str) -> None:
     from scaiecho_site.engines import speaker_encoder, whisper_engine
     from speech.embedding import MODEL_NAME, cosine_similarity, embedding_to_bytes
 
+    deadline = time.monotonic() + settings.SCAIECHO_TASK_ROW_WAIT_SECONDS
+    while not Speaker.objects.filter(pk=speaker_id).exists() and time.monotonic() < deadline:
+        time.sleep(0.02)  # the request that sent this task commits its row right after
     with transaction.atomic():
         speaker = Speaker.objects.select_for_update().filter(pk=speaker_id).first()
         if speaker is None or speaker.status != Speaker.Status.PENDING:
             return
         speaker.attempts += 1
-        speaker.stage = Speaker.Stage.EMBEDDING
-        speaker.save(update_fields=["attempts", "stage", "updated_at"])
+        if speaker.attempts > settings.SCAIECHO_ENROLLMENT_MAX_ATTEMPTS:
+            exhausted = True
+        else:
+            exhausted = False
+            speaker.stage = Speaker.Stage.EMBEDDING
+            speaker.save(update_fields=["attempts", "stage", "updated_at"])
+    if exhausted:  # its worker died on it every time: a recording that kills workers
+        speaker_enrollment_fail(speaker_id=speaker.pk, reasons=[REASON_ATTEMPTS_EXHAUSTED], scores={})
+        return
     consent = ConsentRecord.objects.get(speaker_id=speaker.pk)
     try:
         reference = decode_audio(recording_read(name=consent.reference_path)).samples
@@ -197,11 +221,17 @@ def speaker_enrollment_run(*, speaker_id: str) -> None:
         return
     encoder = speaker_encoder()
     voice = encoder.embed(reference)
+    phone_voice = encoder.embed(phone_band(reference))
     consent_voice = encoder.embed(spoken)
     similarity = cosine_similarity(voice, consent_voice)
     _set_stage(speaker.pk, Speaker.Stage.VERIFYING)
-    # Speech windows (VAD) as batch jobs decode them: a pause in the reading cannot make Whisper loop.
-    options = TranscribeOptions(language=speaker.language_primary or None, vad_segmentation=True)
+    # Speech windows (VAD) and the beam width as batch jobs decode them: a pause in the reading cannot
+    # make Whisper loop.
+    options = TranscribeOptions(
+        language=speaker.language_primary or None,
+        vad_segmentation=True,
+        beam_size=settings.SCAIECHO_WHISPER_BEAM_SIZE,
+    )
     result = whisper_engine().transcribe(spoken, options=options)
     verdict = consent_verdict(
         consent_text=consent.consent_text,
@@ -211,6 +241,7 @@ def speaker_enrollment_run(*, speaker_id: str) -> None:
     )
     review = policy_get_or_provision(tenant=speaker.tenant).speaker_review_required
     vector = embedding_to_bytes(voice)
+    phone_vector = embedding_to_bytes(phone_voice)
     with transaction.atomic():
         speaker = Speaker.objects.select_for_update().get(pk=speaker.pk)
         if speaker.status != Speaker.Status.PENDING:  # erased meanwhile: keep nothing
@@ -226,6 +257,8 @@ def speaker_enrollment_run(*, speaker_id: str) -> None:
                 defaults={
                     "ciphertext": crypto.encrypt(vector),
                     "sha256": hashlib.sha256(vector).hexdigest(),
+                    "phone_ciphertext": crypto.encrypt(phone_vector),
+                    "phone_sha256": hashlib.sha256(phone_vector).hexdigest(),
                     "model_name": MODEL_NAME,
                     "dims": int(voice.shape[0]),
                 },
@@ -255,6 +288,52 @@ def speaker_enrollment_fail(*, speaker_id: Any, reasons: list[str], scores: dict
         speaker.save(update_fields=["status", "stage", "status_reasons", "updated_at"])
         ctx = ActorContext(user=None, tenant=speaker.tenant, user_agent="enrollment worker")
         consent_event_record(speaker=speaker, kind=ConsentEvent.Kind.REJECTED, ctx=ctx, details={**scores, "fail_reasons": reasons})
+
+
+def enrollments_sweep(*, now: Any = None) -> int:
+    """Put back enrollments left ``pending`` with no progress for longer than an enrollment may run
+    (``SCAIECHO_JOB_TIME_LIMIT_SECONDS``): their task was lost with a dead worker or broker. Each
+    try counts (``SCAIECHO_ENROLLMENT_MAX_ATTEMPTS``), so a recording that kills its worker every
+    time ends ``failed``; one the broker never took ends when it has waited as long as a queued job
+    may (``SCAIECHO_JOB_MAX_QUEUED_SECONDS``). Runs with every worker's heartbeat."""
+    from speakers.tasks import process_speaker_enrollment
+
+    now = now or timezone.now()
+    cutoff = now - timedelta(seconds=settings.SCAIECHO_JOB_TIME_LIMIT_SECONDS)
+    queued_cutoff = now - timedelta(seconds=settings.SCAIECHO_JOB_MAX_QUEUED_SECONDS)
+    count = 0
+    stuck = Speaker.objects.filter(status=Speaker.Status.PENDING, updated_at__lt=cutoff).values_list("pk", flat=True)
+    for speaker_id in list(stuck):
+        with transaction.atomic():
+            speaker = Speaker.objects.select_for_update(skip_locked=True).filter(pk=speaker_id).first()
+            if speaker is None or speaker.status != Speaker.Status.PENDING or speaker.updated_at >= cutoff:
+                continue
+            never_started = speaker.stage == Speaker.Stage.QUEUED
+            if never_started and speaker.updated_at < queued_cutoff:
+                reason = REASON_QUEUE_UNAVAILABLE
+            elif speaker.attempts >= settings.SCAIECHO_ENROLLMENT_MAX_ATTEMPTS:
+                reason = REASON_ATTEMPTS_EXHAUSTED
+            else:
+                reason = None
+            if reason is not None:
+                transaction.on_commit(
+                    lambda speaker_id=speaker.pk, reason=reason: speaker_enrollment_fail(
+                        speaker_id=speaker_id, reasons=[reason], scores={}
+                    )
+                )
+            else:
+                logger.warning("speaker %s: enrollment made no progress; enqueued again", speaker.pk)
+                speaker.save(update_fields=["updated_at"])  # the clock restarts with the new task
+
+                def send(speaker_id: str = str(speaker.pk)) -> None:
+                    try:
+                        enqueue_or_raise(process_speaker_enrollment, speaker_id)
+                    except errors.QueueUnavailable:
+                        pass  # logged; the next sweep tries again
+
+                transaction.on_commit(send)
+            count += 1
+    return count
 
 
 # --- Review and profile edits --------------------------------------------------------------------
@@ -313,16 +392,74 @@ def speaker_update(*, ctx: ActorContext, speaker: Speaker, changes: dict[str, st
 
 # --- Erasure -------------------------------------------------------------------------------------
 
+# What layers above this one store about a speaker (transcription's diarized jobs) is forgotten
+# through hooks they register at start-up (``AppConfig.ready``): this layer cannot import them.
+# A hook runs inside the erasure's transaction, holding the speaker's row lock, and returns the
+# entries it adds to the erasure audit's ``destroyed`` list (none when it changed nothing).
+ErasureHook = Callable[..., list[dict[str, Any]]]
+_erasure_hooks: list[ErasureHook] = []
+
+_ANONYMOUS_LABEL = re.compile(r"SPEAKER_(\d+)")
+
+
+def erasure_hook_register(hook: ErasureHook) -> None:
+    """Call ``hook(speaker=...)`` in every erasure from now on (once, however often registered)."""
+    if hook not in _erasure_hooks:
+        _erasure_hooks.append(hook)
+
+
+def segments_anonymize(*, segments: list[dict[str, Any]], speaker_ids: Iterable[str]) -> tuple[list[dict[str, Any]], int]:
+    """Relabel the segments of ``speaker_ids`` as anonymous voices; returns them and how many changed.
+
+    Each speaker becomes one new ``SPEAKER_n`` numbered past every label in the transcript, so an
+    erased speaker neither takes another voice's label nor stays linked to their name or id.
+    """
+    erased = {str(value) for value in speaker_ids}
+    labels = {str(segment.get("speaker_label")) for segment in segments}
+    numbers = [int(match.group(1)) for label in labels if (match := _ANONYMOUS_LABEL.fullmatch(label))]
+    next_number = max(numbers, default=0) + 1
+    renamed: dict[str, str] = {}
+    changed = 0
+    out = []
+    for segment in segments:
+        speaker_id = segment.get("speaker_id")
+        if speaker_id is None or str(speaker_id) not in erased:
+            out.append(segment)
+            continue
+        if str(speaker_id) not in renamed:
+            while f"SPEAKER_{next_number}" in labels:
+                next_number += 1
+            renamed[str(speaker_id)] = f"SPEAKER_{next_number}"
+            labels.add(renamed[str(speaker_id)])
+        out.append({**segment, "speaker_id": None, "speaker_label": renamed[str(speaker_id)]})
+        changed += 1
+    return out, changed
+
+
+def segments_without_erased_speakers(*, tenant_id: Any, segments: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Anonymize the segments of speakers erased by now; call it in the transaction that stores them.
+
+    Diarization read its candidates before an erasure that may commit before its result does: the
+    speakers' row locks make this wait for such an erasure, whose hook could not yet see the result.
+    """
+    named = {str(segment["speaker_id"]) for segment in segments if segment.get("speaker_id")}
+    if not named:
+        return segments
+    erased = Speaker.objects.select_for_update().filter(tenant_id=tenant_id, pk__in=named, status=Speaker.Status.ERASED)
+    erased_ids = [str(pk) for pk in erased.values_list("pk", flat=True)]
+    return segments_anonymize(segments=segments, speaker_ids=erased_ids)[0] if erased_ids else segments
+
 
 @transaction.atomic
 def speaker_erase(*, ctx: ActorContext, speaker_id: Any, via: str) -> Speaker:
-    """Destroy a speaker's embedding and both recordings; leave a tombstone and an ErasureAudit.
+    """Destroy a speaker's embeddings and both recordings; leave a tombstone and an ErasureAudit.
 
     The files are deleted inside the transaction, before it commits: if storage fails, nothing is
     marked erased and the call can be repeated; if the commit fails after the files are gone, a
     repeated erasure finds them gone and records that. The tombstone keeps the id, the tenant and
-    the dates; the name, description and consent transcript are cleared with the biometrics.
-    The stated purpose and consent text stay, with the consent trail, as the record of what was
+    the dates; the name, description and consent transcript are cleared with the biometrics, and
+    the registered erasure hooks relabel the speaker in stored diarized transcripts as an anonymous
+    ``SPEAKER_n``, in this transaction. The stated purpose and consent text stay, with the consent trail, as the record of what was
     agreed. Erasing an erased speaker changes nothing and returns the tombstone.
     """
     speaker = Speaker.objects.select_for_update().select_related("tenant").get(pk=speaker_id)
@@ -332,7 +469,10 @@ def speaker_erase(*, ctx: ActorContext, speaker_id: Any, via: str) -> Speaker:
     embedding = SpeakerEmbedding.objects.filter(speaker=speaker).first()
     if embedding is not None:
         destroyed.append({"item": "embedding", "sha256": embedding.sha256, "model": embedding.model_name, "dims": embedding.dims})
-        embedding.delete()
+        if embedding.phone_ciphertext:
+            phone = {"sha256": embedding.phone_sha256, "model": embedding.model_name, "dims": embedding.dims}
+            destroyed.append({"item": "phone_embedding", **phone})
+        embedding.delete()  # the row holds both
     consent = ConsentRecord.objects.filter(speaker=speaker).first()
     if consent is not None:
         for item, path, digest in (
@@ -347,6 +487,8 @@ def speaker_erase(*, ctx: ActorContext, speaker_id: Any, via: str) -> Speaker:
         consent.full_name = ""
         consent.consent_transcript = ""
         consent.save(update_fields=["reference_path", "consent_path", "full_name", "consent_transcript"])
+    for hook in _erasure_hooks:
+        destroyed.extend(hook(speaker=speaker))
     speaker.status = Speaker.Status.ERASED
     speaker.stage = Speaker.Stage.DONE
     speaker.display_name = ""

@@ -11,8 +11,11 @@ Pure math on 16 kHz mono float32 audio; nothing here imports Django. The pipelin
    distance) of the full windows, cut where the clusters' average similarity falls below a
    calibrated threshold, or at the number of speakers the caller knows (``num_speakers``) or
    bounds (``min_speakers``/``max_speakers``). A threshold cut can say "one speaker", which an
-   eigengap estimate never does. Short windows and lone windows are then given to the closest
-   cluster centroid.
+   eigengap estimate never does. A lone window close to a cluster joins it; short windows go to
+   the closest cluster, unless they are far from every one: then they are a voice of their own
+   (in a conversation of short turns, someone may say only "yes" and "front centre").
+   :func:`narrowband` tells phone audio (nothing above 4 kHz) from wideband, so that a caller can
+   cut each at its own threshold: voices on a phone line are closer together.
 4. :func:`timeline` — the windows' labels as a 10 ms frame timeline (each window votes over its
    span, weighted towards its centre), from which a caller reads the speaker of any word.
 """
@@ -39,6 +42,15 @@ VAD_STOP = 0.35
 MERGE_GAP_SECONDS = 0.3
 MIN_REGION_SECONDS = 0.2
 FRAME_SECONDS = 0.01  # resolution of :func:`timeline`
+# A one-window cluster joins the closest bigger one only when at least this similar to it;
+# below, it is more likely a speaker with a single turn than a cough or an overlap.
+ABSORB_SIMILARITY = 0.2
+# A short window less similar than this to every cluster is a voice of its own (free count only).
+NEW_VOICE_SIMILARITY = 0.15
+# Share of the energy above 4 kHz under which audio is narrowband (phone): 8 kHz telephone audio
+# has ~1e-7 there once resampled, wideband speech 1e-3 and more (also in recordings that mix
+# 16 kHz and 8 kHz sources).
+NARROWBAND_HIGH_SHARE = 1e-4
 
 
 class Encoder(Protocol):
@@ -98,6 +110,23 @@ def _silero_probabilities(audio: np.ndarray) -> np.ndarray:
     count = audio.size // VAD_FRAME
     samples = np.asarray(audio[: count * VAD_FRAME], dtype=np.float32)
     return np.array([vad.probability(samples[i * VAD_FRAME : (i + 1) * VAD_FRAME]) for i in range(count)])
+
+
+def narrowband(audio: np.ndarray) -> bool:
+    """Whether ``audio`` (16 kHz) carries next to nothing above 4 kHz in its louder half of 32 ms
+    frames: telephone (8 kHz) speech, resampled."""
+    size = 512
+    count = audio.size // size
+    if count < 4:
+        return False
+    frames = np.asarray(audio[: count * size], dtype=np.float64).reshape(count, size) * np.hanning(size)
+    power = np.abs(np.fft.rfft(frames, axis=1)) ** 2
+    loud = power[power.sum(axis=1) >= np.median(power.sum(axis=1))]
+    total = float(loud.sum())
+    if total <= 0.0:
+        return False
+    high = np.fft.rfftfreq(size, 1 / SAMPLE_RATE) >= 4000
+    return float(loud[:, high].sum()) / total < NARROWBAND_HIGH_SHARE
 
 
 # --- 2. embedding windows -------------------------------------------------------------------------
@@ -204,15 +233,31 @@ def cluster_embeddings(
     result = np.empty(count, dtype=int)
     result[core] = labels
     if (~core).any():
-        means = centroids(core_rows, labels)
-        keys = np.array(list(means))
-        scores = embeddings[~core] @ np.stack([means[k] for k in keys]).T
-        result[~core] = keys[scores.argmax(axis=1)]
+        free = num_speakers is None and max_speakers is None
+        result[~core] = _join_short(embeddings[~core], centroids(core_rows, labels), new_voices=free)
     return _renumber(result)
 
 
+def _join_short(rows: np.ndarray, means: dict[int, np.ndarray], *, new_voices: bool) -> np.ndarray:
+    """Each row's closest centroid; with ``new_voices``, a row unlike every centroid (below
+    NEW_VOICE_SIMILARITY) starts a voice of its own, which later rows can join."""
+    keys = list(means)
+    vectors = [means[key] for key in keys]
+    labels = np.empty(rows.shape[0], dtype=int)
+    for index, row in enumerate(rows):
+        scores = np.stack(vectors) @ row
+        if new_voices and scores.max() < NEW_VOICE_SIMILARITY:
+            keys.append(max(keys) + 1)
+            vectors.append(row)
+            labels[index] = keys[-1]
+        else:
+            labels[index] = keys[int(scores.argmax())]
+    return labels
+
+
 def _absorb_singletons(embeddings: np.ndarray, labels: np.ndarray, *, keep_at_least: int) -> np.ndarray:
-    """Give each one-window cluster to the closest bigger cluster, keeping ``keep_at_least`` clusters."""
+    """Give each one-window cluster to the closest bigger cluster when at least ABSORB_SIMILARITY
+    alike, keeping ``keep_at_least`` clusters."""
     sizes = {int(label): int((labels == label).sum()) for label in np.unique(labels)}
     big = [label for label, size in sizes.items() if size > 1]
     if not big:
@@ -227,6 +272,8 @@ def _absorb_singletons(embeddings: np.ndarray, labels: np.ndarray, *, keep_at_le
         if remaining <= keep_at_least:
             break
         target = max(big, key=lambda b: float(means[label] @ means[b]))
+        if float(means[label] @ means[target]) < ABSORB_SIMILARITY:
+            continue
         labels[labels == label] = target
         remaining -= 1
     return labels

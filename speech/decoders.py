@@ -29,7 +29,7 @@ from fractions import Fraction
 import av
 import numpy as np
 
-from speech.audio import SAMPLE_RATE, pcm_to_float
+from speech.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, SAMPLE_RATE, pcm_to_float
 from speech.errors import UnsupportedMedia, ValidationError
 
 # Undecoded input held at any moment stays below this. A WebSocket frame may be 1 MiB, so a frame is
@@ -47,7 +47,12 @@ _PCM_TYPES = {"audio/pcm", "audio/l16"}
 _WEBM_TYPES = {"audio/webm"}
 _OGG_TYPES = {"audio/ogg", "audio/opus"}
 _MPEG_TYPES = {"audio/mpeg", "audio/mp3"}
-SUPPORTED_MEDIA_TYPES = ("audio/wav", "audio/pcm", "audio/L16", "audio/webm", "audio/ogg", "audio/mpeg")
+_G711_TYPES = {"audio/pcmu": "mulaw", "audio/basic": "mulaw", "audio/pcma": "alaw"}
+SUPPORTED_MEDIA_TYPES = (
+    "audio/wav", "audio/pcm", "audio/L16", "audio/webm", "audio/ogg", "audio/mpeg", "audio/pcmu", "audio/pcma"
+)
+# G.711's rate: telephony audio is 8 kHz unless a ``rate=`` parameter says otherwise.
+G711_SAMPLE_RATE = 8000
 
 
 def make_decoder(*, media_type: str, sample_rate: int = SAMPLE_RATE) -> StreamDecoder:
@@ -68,6 +73,9 @@ def make_decoder(*, media_type: str, sample_rate: int = SAMPLE_RATE) -> StreamDe
             raise _invalid("media_type", f"channels={channels} is out of range (1-32).")
         return PcmDecoder(sample_rate=_check_rate(rate, "sample_rate" if "rate" not in params else "media_type"),
                           channels=channels)
+    if essence in _G711_TYPES:
+        rate = _int_param(params["rate"], "media_type", "rate") if "rate" in params else G711_SAMPLE_RATE
+        return G711Decoder(law=_G711_TYPES[essence], sample_rate=_check_rate(rate, "media_type"))
     if essence in _WAV_TYPES:
         return WavDecoder()
     if essence in _WEBM_TYPES:
@@ -102,8 +110,8 @@ def _int_param(value: str, field: str, name: str) -> int:
 
 
 def _check_rate(rate: int, field: str) -> int:
-    if isinstance(rate, bool) or not isinstance(rate, int) or not 1_000 <= rate <= 384_000:
-        raise _invalid(field, f"Sample rate {rate!r} is out of range (1000-384000 Hz).")
+    if isinstance(rate, bool) or not isinstance(rate, int) or not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise _invalid(field, f"Sample rate {rate!r} is out of range ({MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz).")
     return rate
 
 
@@ -315,6 +323,39 @@ class PcmDecoder(StreamDecoder):
             self._resampler.push(samples, self.sample_rate)
 
 
+def _g711_table(law: str) -> np.ndarray:
+    """Each of the 256 G.711 code words as a float32 sample (ITU-T G.711's expansion)."""
+    codes = np.arange(256, dtype=np.int32)
+    if law == "mulaw":
+        u = ~codes & 0xFF
+        exponent, mantissa = (u >> 4) & 0x07, u & 0x0F
+        magnitude = (((mantissa << 3) + 0x84) << exponent) - 0x84
+        linear = np.where(u & 0x80, -magnitude, magnitude)
+    else:
+        a = codes ^ 0x55
+        exponent, mantissa = (a >> 4) & 0x07, a & 0x0F
+        magnitude = np.where(exponent == 0, (mantissa << 4) + 8, ((mantissa << 4) + 0x108) << np.maximum(exponent - 1, 0))
+        linear = np.where(a & 0x80, magnitude, -magnitude)
+    return (linear / 32768.0).astype(np.float32)
+
+
+_G711_TABLES = {law: _g711_table(law) for law in ("mulaw", "alaw")}
+
+
+class G711Decoder(StreamDecoder):
+    """G.711 µ-law (``audio/pcmu``) or A-law (``audio/pcma``): one byte per sample, a table lookup."""
+
+    format_name = "G.711"
+
+    def __init__(self, *, law: str, sample_rate: int = G711_SAMPLE_RATE) -> None:
+        super().__init__()
+        self.sample_rate = sample_rate
+        self._table = _G711_TABLES[law]
+
+    def _feed(self, data: memoryview) -> None:
+        self._resampler.push(self._table[np.frombuffer(data, dtype=np.uint8)], self.sample_rate)
+
+
 class _BufferedDecoder(StreamDecoder):
     """A container parser over one byte buffer that each parse step consumes from the front.
 
@@ -445,8 +486,11 @@ class WavDecoder(_BufferedDecoder):
             raise UnsupportedMedia(
                 f"WAV {kind} at {bits} bits is not supported; stream 8/16/24/32-bit PCM or 32-bit float."
             )
-        if not 1 <= channels <= 64 or not 1_000 <= rate <= 384_000:
-            raise UnsupportedMedia(f"The WAV header is implausible ({channels} channels at {rate} Hz).")
+        if not 1 <= channels <= 64:
+            raise UnsupportedMedia(f"The WAV header is implausible ({channels} channels).")
+        if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+            # A rate that low would make every byte last for ages (a 1 Hz header: an hour per 7 KB).
+            raise UnsupportedMedia(f"The WAV stream's sample rate {rate} Hz is outside {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz.")
         self._block = channels * (bits // 8)
         if block not in (0, self._block):
             raise UnsupportedMedia(f"The WAV header's block size ({block}) does not match its format.")

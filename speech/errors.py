@@ -81,3 +81,13 @@ class BackendRateLimited(ApplicationError):
 
 class AudioTooLong(ValidationError):
     """The audio is longer than the configured maximum duration (422)."""
+
+
+class AudioOverBudget(ApplicationError):
+    """The audio is longer than what is left of the caller's budget (429, the contract's
+    ``BUDGET_EXCEEDED``). The speech layer knows only the seconds it was given; the apps raise
+    their own ``BudgetExceeded`` (the same code) where they record why work was refused."""
+
+    code = "BUDGET_EXCEEDED"
+    http_status = 429
+    default_message = "The audio is longer than what is left of the budget."

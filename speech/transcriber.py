@@ -21,6 +21,7 @@ the short spans a stream decodes. Nothing here imports Django.
 
 from __future__ import annotations
 
+import difflib
 import re
 import time
 import zlib
@@ -42,6 +43,15 @@ PAUSE_DECODE_SECONDS = 0.15
 # with fewer words than ``MIN_WORDS_PER_SECOND`` per second is suspect (see ``_decode_checked``).
 SHORT_CHECK_SECONDS = 3.0
 MIN_WORDS_PER_SECOND = 0.6
+# A partial of at least this many words that the next decode of the span mostly drops is kept.
+DROP_CHECK_WORDS = 2
+# ... and the span is then cut at the VAD's least speech-like frame in the last this long of that partial's audio.
+DROP_SEARCH_SECONDS = 0.6
+
+# Speech this long that no word of a fresh final decode covers (by word times, give or take
+# GAP_WORD_SLACK_SECONDS) is decoded on its own and its words put in their place (see ``_fill_gaps``).
+GAP_CHECK_SECONDS = 0.5
+GAP_WORD_SLACK_SECONDS = 0.2
 
 # Whisper's well-known inventions for silence, music and noise (its training data's subtitles).
 HALLUCINATIONS = (
@@ -84,6 +94,16 @@ class Delta:
 
 def _key(word: str) -> str:
     return re.sub(r"[^\w']", "", word.lower())
+
+
+def _kept(previous: list[Word], words: list[Word]) -> float:
+    """Share of ``previous``'s words that ``words`` still holds, in order."""
+    if not previous:
+        return 1.0
+    matcher = difflib.SequenceMatcher(
+        None, [_key(w.word) for w in previous], [_key(w.word) for w in words], autojunk=False
+    )
+    return sum(block.size for block in matcher.get_matching_blocks()) / len(previous)
 
 
 def _cut_repetition(text: str) -> str:
@@ -147,6 +167,7 @@ class StreamSession:
         logprob_threshold: float = -1.0,
         decoder: Engine | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        prompt: str | None = None,
     ) -> None:
         if not 0.5 <= chunk_seconds <= 30:
             raise ValueError("chunk_seconds must be between 0.5 and 30")
@@ -173,6 +194,9 @@ class StreamSession:
         self._span: list[np.ndarray] = []
         self._span_start = 0  # stream sample where the current span starts
         self._span_len = 0
+        # The VAD's probability of each whole frame of the span; the first starts at sample _probs_at.
+        self._probs: list[float] = []
+        self._probs_at = 0
         self._speech_len = 0  # speech samples in the current span
         self._in_speech = False
         self._silence_run = 0
@@ -181,7 +205,8 @@ class StreamSession:
         # The latest decode of the span covering its first ``_last_decode_len`` samples: reused as
         # the final when the speaker stops after it, so a pause costs no decode of its own.
         self._last_hyp: _Hypothesis | None = None
-        self._context = ""  # finalized text, the decoder's prompt
+        # Finalized text, the decoder's prompt; the caller's ``prompt`` (names, spelling) before the first.
+        self._context = (prompt or "").strip()[-400:]
         self._last_final_end = 0.0
         self._closed = False
 
@@ -221,7 +246,6 @@ class StreamSession:
         pause = min(PAUSE_DECODE_SECONDS, self.silence_seconds / 2)
         return self._silence_run >= pause * SAMPLE_RATE and self._last_decode_len < speech_end
 
-
     def finalize(self) -> list[Delta]:
         """Emit everything heard so far as finals (the client's ``finalize``); the stream goes on."""
         deltas: list[Delta] = []
@@ -251,6 +275,8 @@ class StreamSession:
                 self._span = [pre.copy(), frame.copy()]
                 self._span_start = self._pos - VAD_FRAME - pre.size
                 self._span_len = pre.size + VAD_FRAME
+                self._probs = [prob]
+                self._probs_at = pre.size
                 self._speech_len = VAD_FRAME
                 self._silence_run = 0
                 self._last_decode_len = 0
@@ -261,6 +287,7 @@ class StreamSession:
             return []
         self._span.append(frame.copy())
         self._span_len += VAD_FRAME
+        self._probs.append(prob)
         if prob >= self.stop_threshold:
             self._speech_len += VAD_FRAME
             self._silence_run = 0
@@ -281,7 +308,9 @@ class StreamSession:
         started = self._clock()
         # On a short span Whisper tends to echo the prompt (the previous utterance) as if it were
         # heard again; the prompt helps only once there is audio enough to outweigh it.
-        prompt = (self._context[-200:] or None) if use_prompt and audio.size >= PROMPT_MIN_SECONDS * SAMPLE_RATE else None
+        prompt = (
+            (self._context[-200:] or None) if use_prompt and audio.size >= PROMPT_MIN_SECONDS * SAMPLE_RATE else None
+        )
         result = self.decoder.transcribe(
             audio,
             options=TranscribeOptions(
@@ -302,9 +331,14 @@ class StreamSession:
         for seg in result.segments:
             text = _cut_repetition(seg.text)
             if text != seg.text:
-                seg = Segment(start=seg.start, end=seg.end, text=text, avg_logprob=seg.avg_logprob,
-                              no_speech_prob=seg.no_speech_prob,
-                              words=seg.words[: len(text.split())] if seg.words else None)
+                seg = Segment(
+                    start=seg.start,
+                    end=seg.end,
+                    text=text,
+                    avg_logprob=seg.avg_logprob,
+                    no_speech_prob=seg.no_speech_prob,
+                    words=seg.words[: len(text.split())] if seg.words else None,
+                )
             if (
                 seg.no_speech_prob is not None
                 and seg.avg_logprob is not None
@@ -333,6 +367,7 @@ class StreamSession:
 
     def _decode_partial(self) -> list[Delta]:
         audio = self._audio()
+        heard_len = self._last_decode_len  # the audio the previous partial was decoded from
         self._last_decode_len = self._span_len
         span_s = audio.size / SAMPLE_RATE
         # Word times are needed only where a cut may follow: a previous hypothesis with a clause
@@ -341,6 +376,11 @@ class StreamSession:
         want_times = span_s >= self.chunk_seconds or any(_CLAUSE_END.search(w.word) for w in previous[:-1])
         hyp = self._decode_checked(audio, word_timestamps=want_times)
         deltas: list[Delta] = []
+        if len(previous) >= DROP_CHECK_WORDS and 0 < heard_len < audio.size and _kept(previous, hyp.words) < 0.5:
+            kept = self._keep_dropped(previous, heard_len, hyp, want_times=want_times)
+            if kept is not None:
+                final, hyp = kept
+                deltas += final
         if want_times and self._previous is not None:
             deltas += self._commit_agreed(hyp, span_s)
         else:
@@ -353,12 +393,47 @@ class StreamSession:
             deltas.append(Delta(text, False, round(start, 3), round(end, 3), hyp.confidence))
         return deltas
 
+    def _keep_dropped(
+        self, previous: list[Word], heard_len: int, hyp: _Hypothesis, *, want_times: bool
+    ) -> tuple[list[Delta], _Hypothesis] | None:
+        """The new decode of the span lost most of the previous partial's words: Whisper, given a
+        second voice after a short pause, now and then hears only the second ("You are now muted.
+        Seven of clubs." becomes "Seven of clubs."), even in audio that holds a syllable of it.
+
+        The span is cut at the pause the VAD heard last before the previous partial's audio ended, and each side decoded on its own; when the first side still holds the lost words, it
+        is a final and the second side the new partial. Failing that, the previous partial itself
+        is the final of the audio it was decoded from (its last word may be cut short there), and
+        the rest is decoded on its own. ``None``: neither holds more than the new decode, which
+        then heard the span afresh (a garbled partial corrected) and stands."""
+        audio = self._audio()
+        cut = self._pause_before(heard_len, int(DROP_SEARCH_SECONDS * SAMPLE_RATE))
+        if cut is not None:
+            head = self._decode_checked(audio[:cut], word_timestamps=False)
+            if _kept(previous, head.words) >= 0.5:
+                tail = self._decode_checked(audio[cut:], word_timestamps=want_times)
+                if len(head.words) + len(tail.words) > len(hyp.words):
+                    return self._split_span(head, cut), tail
+        tail = self._decode_checked(audio[heard_len:], word_timestamps=want_times)
+        if len(previous) + len(tail.words) <= len(hyp.words) or _kept(hyp.words, tail.words) < 0.5:
+            return None
+        return self._split_span(_Hypothesis(list(previous), None), heard_len), tail
+
+    def _split_span(self, head: _Hypothesis, cut: int) -> list[Delta]:
+        """``head`` is the final of the span's first ``cut`` samples; the span goes on after them."""
+        delta = self._final(head.words, self._span_start + cut, head.confidence)
+        self._drop_head(cut)
+        self._speech_len = max(self._span_len - self._silence_run, 0)
+        self._previous = None
+        return [delta] if delta else []
+
     def _commit_agreed(self, hyp: _Hypothesis, span_s: float) -> list[Delta]:
         """LocalAgreement-2: finalize the confirmed prefix up to its last clause boundary, or all
         of it once the span is past ``chunk_seconds``, and cut the audio after it."""
         previous = self._previous or []
         agreed = 0
-        while agreed < min(len(previous), len(hyp.words)) and _key(previous[agreed].word) == _key(hyp.words[agreed].word):
+        while agreed < min(len(previous), len(hyp.words)) and _key(previous[agreed].word) == _key(
+            hyp.words[agreed].word
+        ):
             agreed += 1
         # The last word of a decode is often cut mid-word; never commit it alone by agreement.
         agreed = min(agreed, len(hyp.words) - 1)
@@ -384,19 +459,42 @@ class StreamSession:
             self._previous = hyp.words
             return []
         delta = self._final(committed, self._span_start + cut_samples, hyp.confidence)
-        audio = self._audio()[cut_samples:]
-        self._span = [audio]
-        self._span_start += cut_samples
-        self._span_len = audio.size
-        self._last_decode_len = self._span_len
+        self._drop_head(cut_samples)
         # Whatever follows the cut is the speaker going on (word times are approximate, and padding
         # counts as no speech): its words must not be dropped as too little speech at the pause.
         self._speech_len = max(self._speech_len - cut_samples, self._span_len - self._silence_run, 0)
         self._previous = [
-            Word(start=max(0.0, w.start - cut_samples / SAMPLE_RATE), end=max(0.0, w.end - cut_samples / SAMPLE_RATE), word=w.word)
+            Word(
+                start=max(0.0, w.start - cut_samples / SAMPLE_RATE),
+                end=max(0.0, w.end - cut_samples / SAMPLE_RATE),
+                word=w.word,
+            )
             for w in hyp.words[cut:]
         ]
         return [delta] if delta else []
+
+    def _drop_head(self, samples: int) -> None:
+        """The span's first ``samples`` are finalized: the span goes on from there."""
+        audio = self._audio()[samples:]
+        self._span = [audio]
+        self._span_start += samples
+        self._span_len = audio.size
+        self._last_decode_len = self._span_len
+        self._probs_at -= samples
+        while self._probs and self._probs_at < 0:
+            self._probs.pop(0)
+            self._probs_at += VAD_FRAME
+
+    def _pause_before(self, sample: int, reach: int) -> int | None:
+        """The middle of the span's least speech-like VAD frame in the ``reach`` samples before
+        ``sample`` (the latest of equals); ``None`` when there is none."""
+        best: tuple[float, int, int] | None = None
+        for index, prob in enumerate(self._probs):
+            middle = self._probs_at + index * VAD_FRAME + VAD_FRAME // 2
+            if sample - reach <= middle <= sample and VAD_FRAME <= middle:
+                candidate = (prob, abs(middle - sample), middle)
+                best = candidate if best is None or candidate < best else best
+        return None if best is None else best[2]
 
     def _cut_long_span(self) -> list[Delta]:
         """The span reached ``max_span_seconds`` without a pause or a confirmed cut (the caller is
@@ -464,13 +562,54 @@ class StreamSession:
 
     def _decode_final(self, audio: np.ndarray) -> _Hypothesis:
         """The span's last decode, guarded against losing what was heard: checked as every decode
-        is (``_decode_checked``), and if still much shorter than the partial before it, the
-        partial's words are the final."""
-        hyp = self._decode_checked(audio, word_timestamps=False)
+        is (``_decode_checked``), speech its words leave out decoded on its own (``_fill_gaps``),
+        and if still much shorter than the partial before it, the partial's words are the final."""
+        hyp = self._fill_gaps(audio, self._decode_checked(audio, word_timestamps=True))
         partial = self._previous or []
         if len(hyp.words) < 0.6 * len(partial) and len(partial) - len(hyp.words) >= 3:
             hyp = _Hypothesis(list(partial), hyp.confidence)
         return hyp
+
+    def _fill_gaps(self, audio: np.ndarray, hyp: _Hypothesis) -> _Hypothesis:
+        """Whisper, given two voices in one span, now and then answers with one of them only ("Ten
+        of clubs." for five seconds of a reader and then that). Each run of at least
+        ``GAP_CHECK_SECONDS`` of speech (by the VAD) that no word of ``hyp`` covers is decoded on
+        its own, and its words join the hypothesis in time order; a word heard already within a
+        second of the same place is not added twice."""
+        words = list(hyp.words)
+        for first, last in self._uncovered(words, audio.size):
+            first, last = max(0, first - self.pad), min(audio.size, last + self.pad)
+            shift = first / SAMPLE_RATE
+            for word in self._decode(audio[first:last], word_timestamps=True, use_prompt=False).words:
+                placed = Word(start=word.start + shift, end=word.end + shift, word=word.word)
+                if not any(_key(w.word) == _key(placed.word) and abs(w.start - placed.start) < 1.0 for w in words):
+                    words.append(placed)
+        if len(words) == len(hyp.words):
+            return hyp
+        return _Hypothesis(sorted(words, key=lambda w: w.start), hyp.confidence)
+
+    def _uncovered(self, words: list[Word], size: int) -> list[tuple[int, int]]:
+        """Runs (span samples) of VAD speech frames within the first ``size`` samples, at least
+        ``GAP_CHECK_SECONDS`` long, that no word's time covers."""
+        covered = np.zeros(size, dtype=bool)
+        slack = GAP_WORD_SLACK_SECONDS
+        for word in words:
+            covered[max(0, int((word.start - slack) * SAMPLE_RATE)) : max(0, int((word.end + slack) * SAMPLE_RATE))] = (
+                True
+            )
+        runs: list[tuple[int, int]] = []
+        run_start: int | None = None
+        for index, prob in enumerate([*self._probs, 0.0]):  # the extra frame closes a last run
+            start = self._probs_at + index * VAD_FRAME
+            end = start + VAD_FRAME
+            speech = 0 <= start and end <= size and prob >= self.start_threshold and not covered[start:end].any()
+            if speech and run_start is None:
+                run_start = start
+            elif not speech and run_start is not None:
+                if start - run_start >= GAP_CHECK_SECONDS * SAMPLE_RATE:
+                    runs.append((run_start, start))
+                run_start = None
+        return runs
 
     def _final(self, words: list[Word], end_sample: int, confidence: float | None) -> Delta | None:
         text = " ".join(w.word for w in words).strip()

@@ -17,8 +17,10 @@ them to a :class:`LiveSession`, which transcribes them and reports back through 
 
 Order and buffers: deltas reach the listener in the order the backend made them, and
 ``on_closed`` comes after the last one. Buffers are bounded: a relay session holds at most
-``RELAY_QUEUE_CHUNKS`` chunks (the consumer then waits, and so reads no more frames), a worker
-session's audio waits in the channel layer, whose capacity is bounded. Nothing here runs inference
+``RELAY_QUEUE_CHUNKS`` chunks, and a worker session at most ``SCAIECHO_STREAM_MAX_INFLIGHT_SECONDS``
+of audio the worker has not decoded yet (the worker reports its progress); beyond that the
+consumer waits (backpressure), and its own bounded queue of frames closes the stream when the
+wait runs long. Nothing here runs inference
 on the event loop. After :meth:`LiveSession.abort` no event is delivered and no new backend work
 starts (a relay call already in flight finishes in its thread; its answer is dropped).
 """
@@ -65,6 +67,8 @@ class SessionOptions:
     chunk_seconds: float
     diarize: bool
     speaker_ids: list[str]
+    # Text that conditions the decoder (names, spelling), as the first final's context.
+    prompt: str | None = None
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,9 @@ class SessionListener(Protocol):
     async def on_delta(self, delta: LiveDelta) -> None: ...
 
     async def on_error(self, error: errors.ApplicationError) -> None: ...
+
+    async def on_flushed(self) -> None:
+        """Every final of the audio before a :meth:`LiveSession.finalize` is out."""
 
     async def on_closed(self) -> None: ...
 
@@ -131,12 +138,13 @@ class LiveSession(ABC):
         """Reserve the backend; raises an :class:`~scaiecho_site.errors.ApplicationError` if it cannot."""
 
     @abstractmethod
-    async def audio(self, samples: np.ndarray) -> None:
-        """Take decoded 16 kHz samples; may wait while the backend is behind."""
+    async def audio(self, samples: np.ndarray) -> bool:
+        """Take decoded 16 kHz samples; may wait while the backend is behind. False when the
+        session stopped first and the samples never reached the backend (they are not billed)."""
 
     @abstractmethod
     async def finalize(self) -> None:
-        """Make finals of all audio so far, without closing."""
+        """Make finals of all audio so far, without closing; ``on_flushed`` follows the last."""
 
     @abstractmethod
     async def close(self, tail: np.ndarray) -> None:
@@ -168,6 +176,10 @@ class LiveSession(ABC):
     async def _fail(self, error: errors.ApplicationError) -> None:
         if not self.stopped.is_set():
             await self.listener.on_error(error)
+
+    async def _flushed(self) -> None:
+        if not self.stopped.is_set():
+            await self.listener.on_flushed()
 
     async def _finished(self) -> None:
         """Every delta is out: report ``closed`` once and stop watching the backend."""
@@ -204,6 +216,10 @@ class WorkerSession(LiveSession):
         self.reply_channel: str | None = None
         self.closing = False
         self.worker_closed = asyncio.Event()
+        # Audio seconds sent to the worker, and decoded there (its ``stream.progress``).
+        self.sent_s = 0.0
+        self.decoded_s = 0.0
+        self.progress = asyncio.Event()
 
     @classmethod  # noqa: B027 - most backends need no preparing
     async def prepare(cls) -> None:
@@ -228,13 +244,27 @@ class WorkerSession(LiveSession):
             diarize=self.options.diarize,
             tenant_id=str(self.grant.tenant_id),
             speaker_ids=self.options.speaker_ids,
+            prompt=self.options.prompt,
         )
         self._spawn(self._read_replies())
         self._spawn(self._watch_worker())
 
-    async def audio(self, samples: np.ndarray) -> None:
-        if samples.size and not self.closing and not self.stopped.is_set():
+    async def audio(self, samples: np.ndarray) -> bool:
+        if self.closing or self.stopped.is_set():
+            return False
+        if samples.size:
+            await self._unless_stopped(self._room_for_audio())
+            if self.stopped.is_set():
+                return False
+            self.sent_s += samples.size / SAMPLE_RATE
             await self._to_worker("session.audio", pcm=float_to_pcm(samples))
+        return True
+
+    async def _room_for_audio(self) -> None:
+        """Wait while the worker has more than ``SCAIECHO_STREAM_MAX_INFLIGHT_SECONDS`` undecoded."""
+        while self.sent_s - self.decoded_s > settings.SCAIECHO_STREAM_MAX_INFLIGHT_SECONDS:
+            self.progress.clear()
+            await self.progress.wait()
 
     async def finalize(self) -> None:
         if not self.closing:
@@ -251,15 +281,18 @@ class WorkerSession(LiveSession):
 
     async def _release(self) -> None:
         if self.worker is not None and not self.worker_closed.is_set():
+            # ``session.abort``, not ``session.close``: the worker drops the audio still queued for
+            # this session instead of decoding it for nobody.
             with contextlib.suppress(Exception):  # free the worker's session; it may be gone already
-                await self._to_worker("session.close")
+                await self._to_worker("session.abort")
 
     async def _to_worker(self, kind: str, **fields: Any) -> None:
         await self.layer.send(self.worker, {"type": kind, "session_id": self.grant.session_id, **fields})
 
     async def _read_replies(self) -> None:
-        """The worker's messages, in order: ``stream.delta``, ``stream.flushed`` (every delta of a
-        ``finalize`` is out: nothing to do), ``stream.closed``, ``stream.error``."""
+        """The worker's messages, in order: ``stream.delta``, ``stream.progress`` (audio decoded so
+        far), ``stream.flushed`` (every delta of a ``finalize`` is out),
+        ``stream.closed``, ``stream.error``."""
         while True:
             try:
                 message = await self.layer.receive(self.reply_channel)
@@ -283,12 +316,20 @@ class WorkerSession(LiveSession):
                         speaker_label=message.get("speaker_label"),
                     )
                 )
+            elif kind == "stream.progress":
+                self.decoded_s = float(message.get("audio_s", self.decoded_s))
+                self.progress.set()
+            elif kind == "stream.flushed":
+                await self._flushed()
             elif kind == "stream.closed":
                 self.worker_closed.set()
                 await self._finished()
                 return
             elif kind == "stream.error":
-                await self._fail(errors.BackendError(message.get("message") or "The stream worker failed."))
+                self.worker_closed.set()  # the worker has dropped the session already
+                text = message.get("message") or "The stream worker failed."
+                error = errors.RateLimited(text, retry_after=1) if message.get("code") == errors.RateLimited.code else errors.BackendError(text)
+                await self._fail(error)
                 return
 
     async def _watch_worker(self) -> None:
@@ -330,15 +371,19 @@ class RelaySession(LiveSession):
             self.speaker_worker = await database_sync_to_async(stream_worker_pick)()
         self._spawn(self._relay_chunks())
 
-    async def audio(self, samples: np.ndarray) -> None:
+    async def audio(self, samples: np.ndarray) -> bool:
+        if self.stopped.is_set():
+            return False
         self._append(samples)
         while self.pending.size >= self.chunk and not self.stopped.is_set():
             await self._queue(self.pending[: self.chunk], self.pending_start)
             self.pending = self.pending[self.chunk :]
             self.pending_start += self.chunk
+        return True
 
     async def finalize(self) -> None:
         await self._flush()
+        await self._flushed()
 
     async def close(self, tail: np.ndarray) -> None:
         # The tail joins the last chunk rather than making a tiny chunk of its own.
@@ -383,7 +428,7 @@ class RelaySession(LiveSession):
                 if self.stopped.is_set():
                     continue
                 result = await sync_to_async(client.transcribe, thread_sensitive=False)(
-                    samples, options=TranscribeOptions(language=self.options.language)
+                    samples, options=TranscribeOptions(language=self.options.language, prompt=self.options.prompt)
                 )
                 text = result.text.strip()
                 if not text:

@@ -27,12 +27,19 @@ How lanes map to models depends on the device:
   ``SCAIECHO_GPU_BATCH_WAIT_MS`` for a batch to fill; results are the same words as one by one.
 
 Messages, web process (a stream session) → worker: ``session.open`` (session_id, reply_to, language, chunk_seconds,
-diarize, tenant_id, speaker_ids), ``session.audio`` (session_id, pcm: s16le 16 kHz mono bytes),
-``session.finalize``, ``session.close``; for a diarized Backend B stream, whose chunks the relay
-transcribes, ``speaker.attribute`` (session_id, reply_to, request_id, tenant_id, speaker_ids, pcm)
-and ``speaker.close``. Worker → session: ``stream.delta`` (the delta's fields, with speaker_id
-and speaker_label when diarized), ``stream.flushed``, ``stream.closed``, ``stream.error`` (code,
-message), ``stream.speaker`` (request_id, speaker_id, speaker_label).
+diarize, tenant_id, speaker_ids, prompt), ``session.audio`` (session_id, pcm: s16le 16 kHz mono bytes),
+``session.finalize``, ``session.close`` (decode what is queued, then ``stream.closed``),
+``session.abort`` (the client is gone: drop the session and its queued audio undecoded); for a
+diarized Backend B stream, whose chunks the relay transcribes, ``speaker.attribute`` (session_id,
+reply_to, request_id, tenant_id, speaker_ids, pcm) and ``speaker.close``. Worker → session:
+``stream.delta`` (the delta's fields, with speaker_id and speaker_label when diarized),
+``stream.progress`` (audio_s: seconds decoded so far, which the session's backpressure waits
+on), ``stream.flushed``, ``stream.closed``, ``stream.error`` (code, message),
+``stream.speaker`` (request_id, speaker_id, speaker_label).
+
+A session's inbox is bounded: more than ``SCAIECHO_STREAM_WORKER_INBOX_SECONDS`` of audio waiting
+for its lane ends the session (``stream.error`` with code ``RATE_LIMITED``: the web process's own
+backpressure keeps well below it, so only a misbehaving sender meets it).
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import close_old_connections
 
+from scaiecho_site.metrics import observe_inference
 from speech.audio import SAMPLE_RATE, pcm_to_float
 from transcription.models import SpeechWorker
 
@@ -88,6 +96,9 @@ def batches_on_device(engine: Any) -> bool:
 STREAM_EMBED_SECONDS = 2.0
 # How much of a diarized session's recent audio the worker keeps, to embed each final's span.
 SPEAKER_HISTORY_SECONDS = 90
+# A session hears of the worker's progress at least every this many decoded audio seconds (and
+# whenever its inbox runs empty).
+PROGRESS_SECONDS = 1.0
 
 
 @dataclass
@@ -137,6 +148,9 @@ class _Session:
     inbox: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
     task: asyncio.Task[None] | None = None
     speakers: _Speakers | None = None
+    queued_s: float = 0.0  # audio seconds in ``inbox`` (bounded by SCAIECHO_STREAM_WORKER_INBOX_SECONDS)
+    decoded_s: float = 0.0  # audio seconds fed to the transcriber
+    reported_s: float = 0.0  # ``decoded_s`` as last sent in ``stream.progress``
 
 
 class StreamWorker:
@@ -155,6 +169,9 @@ class StreamWorker:
         self.speaker_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scaiecho-speakers")
         # Speaker state of Backend B streams that ask this worker who spoke each relayed chunk.
         self.relay_speakers: dict[str, _Speakers] = {}
+        # Audio seconds this worker decoded, and dropped undecoded (aborted or overfull sessions).
+        self.decoded_audio_s = 0.0
+        self.dropped_audio_s = 0.0
 
     # --- life cycle ---------------------------------------------------------------------------
 
@@ -203,14 +220,19 @@ class StreamWorker:
 
         def beat() -> None:
             close_old_connections()
-            worker_heartbeat(
-                worker_id=self.channel,
-                kind=SpeechWorker.Kind.STREAM,
-                hostname=socket.gethostname(),
-                model_name=settings.SCAIECHO_WHISPER_MODEL,
-                device=settings.SCAIECHO_WHISPER_DEVICE or "auto",
-                ttl_seconds=settings.SCAIECHO_STREAM_WORKER_TTL_SECONDS,
-            )
+            try:
+                worker_heartbeat(
+                    worker_id=self.channel,
+                    kind=SpeechWorker.Kind.STREAM,
+                    hostname=socket.gethostname(),
+                    model_name=settings.SCAIECHO_WHISPER_MODEL,
+                    device=settings.SCAIECHO_WHISPER_DEVICE or "auto",
+                    ttl_seconds=settings.SCAIECHO_STREAM_WORKER_TTL_SECONDS,
+                )
+            finally:
+                # The beat runs on any pool thread: no connection stays open on one after it
+                # (beyond DATABASE_CONN_MAX_AGE), also once the worker has stopped.
+                close_old_connections()
 
         await sync_to_async(beat, thread_sensitive=False)()
 
@@ -247,7 +269,10 @@ class StreamWorker:
         from transcription.services import worker_retire
 
         close_old_connections()
-        worker_retire(worker_id=self.channel)
+        try:
+            worker_retire(worker_id=self.channel)
+        finally:
+            close_old_connections()
 
     async def _beat_forever(self) -> None:
         interval = max(0.5, settings.SCAIECHO_STREAM_WORKER_TTL_SECONDS / 3)
@@ -272,13 +297,31 @@ class StreamWorker:
             self.relay_speakers.pop(session_id, None)
             return
         session = self.sessions.get(session_id)
-        if session is None:
+        if session is None:  # ended or aborted: its late messages are dropped, never decoded
             reply_to = message.get("reply_to")
             if reply_to:
                 await self.send(reply_to, {"type": "stream.error", "code": "BACKEND_ERROR", "message": "Unknown stream session."})
             return
+        if message.get("type") == "session.abort":
+            self._drop(session_id)
+            logger.info("stream session %s aborted on %s", session_id, self.channel)
+            return
         if message.get("type") == "session.audio":
-            session.arrived(len(message["pcm"]) / 2 / SAMPLE_RATE)
+            seconds = len(message["pcm"]) / 2 / SAMPLE_RATE
+            limit = settings.SCAIECHO_STREAM_WORKER_INBOX_SECONDS
+            if session.queued_s + seconds > limit:
+                await self.send(
+                    session.reply_to,
+                    {
+                        "type": "stream.error",
+                        "code": "RATE_LIMITED",
+                        "message": f"More than {limit:g} s of this stream's audio wait for the stream worker.",
+                    },
+                )
+                self._drop(session_id)
+                return
+            session.queued_s += seconds
+            session.arrived(seconds)
         session.inbox.put_nowait(message)
 
     async def open(self, session_id: str, message: dict[str, Any]) -> None:
@@ -291,6 +334,7 @@ class StreamWorker:
             chunk_seconds=float(message.get("chunk_seconds", 5.0)),
             language=message.get("language") or None,
             decoder=lane.decoder,
+            prompt=message.get("prompt") or None,
         )
         session = _Session(reply_to=message["reply_to"], transcriber=transcriber, lane=lane)
         if message.get("diarize"):
@@ -321,6 +365,8 @@ class StreamWorker:
                         # finals of every session keep up instead of all falling behind.
                         now = float("inf")
                     samples = pcm_to_float(message["pcm"])
+                    seconds = samples.size / SAMPLE_RATE
+                    session.queued_s -= seconds
                     if session.speakers is not None:
                         session.speakers.append(samples)
                     session.lane.queued += 1
@@ -330,6 +376,8 @@ class StreamWorker:
                         )
                     finally:
                         session.lane.queued -= 1
+                    session.decoded_s += seconds
+                    self.decoded_audio_s += seconds
                 elif kind == "session.finalize":
                     deltas = await loop.run_in_executor(session.lane.executor, session.transcriber.finalize)
                 elif kind == "session.close":
@@ -344,11 +392,17 @@ class StreamWorker:
                     # A diarized final in which the voice changes goes out as one final per speaker.
                     for piece in await self._attribute(session.speakers, delta):
                         await self.send(session.reply_to, {"type": "stream.delta", **fields, **piece})
+                if kind == "session.audio" and (
+                    session.inbox.empty() or session.decoded_s - session.reported_s >= PROGRESS_SECONDS
+                ):
+                    session.reported_s = session.decoded_s
+                    await self.send(session.reply_to, {"type": "stream.progress", "audio_s": session.decoded_s})
                 if kind == "session.finalize":
                     await self.send(session.reply_to, {"type": "stream.flushed"})
                 elif kind == "session.close":
                     await self.send(session.reply_to, {"type": "stream.closed"})
                     stats = session.transcriber.stats
+                    observe_inference(kind="stream", backend="A", compute_s=stats.seconds, audio_s=session.audio_s)
                     logger.info(
                         "stream session %s closed: %.1f s of audio, arrived at most %.2f s behind real time,"
                         " %d decodes, %.1f s of compute",
@@ -404,6 +458,10 @@ class StreamWorker:
         if session is None:
             return
         session.lane.sessions -= 1
+        self.dropped_audio_s += session.queued_s
+        while not session.inbox.empty():  # queued audio is freed now, not decoded
+            session.inbox.get_nowait()
+        session.queued_s = 0.0
         if session.task is not None and session.task is not asyncio.current_task():
             session.task.cancel()
 

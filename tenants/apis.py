@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
 from rest_framework.request import Request
@@ -12,15 +14,69 @@ from scaiecho_site.schema import responses
 from tenants.models import PERM_ADMIN, TenantPolicy
 from tenants.permissions import TenantApiView
 from tenants.selectors import api_key_of_tenant, api_keys_of_tenant
-from tenants.services import api_key_revoke, audit_record, policy_get_or_provision, policy_update
+from tenants.services import api_key_revoke, audit_record, policy_get_or_provision, policy_update, webhook_secret_rotate
 
 
 class TenantPolicyOutput(serializers.Serializer):
     tenant_id = serializers.CharField(source="tenant.pk")
     allowed_backends = serializers.CharField()
     default_backend = serializers.CharField()
+    webhook_url = serializers.CharField(allow_null=True, help_text="The default webhook destination; null when none is set.")
     created_at = serializers.DateTimeField()
     updated_at = serializers.DateTimeField()
+
+    def to_representation(self, instance: Any) -> dict[str, Any]:
+        data = super().to_representation(instance)
+        data["webhook_url"] = data["webhook_url"] or None
+        return data
+
+
+_ALLOWED = {"type": "string", "enum": ["A", "B", "AB", "BA"]}
+_DEFAULT = {"type": "string", "enum": ["A", "B"]}
+_WEBHOOK_URL = {
+    "type": "string",
+    "nullable": True,
+    "maxLength": 2048,
+    "pattern": "^(https?://.*)?$",
+    "description": "The default webhook destination of the tenant's jobs (an http or https URL on a public "
+    "address; the tenant needs a signing secret first, else 422). Empty or null removes it; absent keeps it.",
+}
+
+
+def _policy(allowed: list[str], default: list[str], *, required: list[str]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {
+            "allowed_backends": {**_ALLOWED, "enum": allowed},
+            "default_backend": {**_DEFAULT, "enum": default},
+            "webhook_url": _WEBHOOK_URL,
+        },
+        "required": required,
+    }
+
+
+_RULE = "default_backend must be one of allowed_backends (else 422)."
+# PUT: a whole policy, one of the combinations the contract allows.
+POLICY_PUT_SCHEMA = {
+    "description": _RULE,
+    "anyOf": [
+        _policy(["AB", "BA"], ["A", "B"], required=["allowed_backends", "default_backend"]),
+        _policy(["A"], ["A"], required=["allowed_backends", "default_backend"]),
+        _policy(["B"], ["B"], required=["allowed_backends", "default_backend"]),
+    ],
+}
+# PATCH: the fields given change. A single allowed backend comes with default_backend naming it; a
+# default_backend alone must be one of the policy's current allowed_backends (else 422).
+POLICY_PATCH_SCHEMA = {
+    "description": _RULE + " allowed_backends naming one backend must come with default_backend naming that "
+    "backend; default_backend alone must be one of the current allowed_backends.",
+    "anyOf": [
+        _policy(["AB", "BA"], ["A", "B"], required=["allowed_backends"]),
+        _policy(["A"], ["A"], required=["allowed_backends", "default_backend"]),
+        _policy(["B"], ["B"], required=["allowed_backends", "default_backend"]),
+        {**_policy(["AB", "BA"], ["A", "B"], required=[]), "not": {"required": ["allowed_backends"]}},
+    ],
+}
 
 
 class TenantPolicyApi(TenantApiView):
@@ -33,10 +89,24 @@ class TenantPolicyApi(TenantApiView):
         # Shape only; the contract's rules live in ``policy_validate``.
         allowed_backends = serializers.CharField()
         default_backend = serializers.CharField()
+        # Checked by the service (a public destination, a signing secret); "" or null removes it.
+        webhook_url = serializers.CharField(required=False, allow_blank=True, allow_null=True, max_length=2048)
+
+        def validate_webhook_url(self, value: str | None) -> str:
+            return value or ""
 
     class PatchInput(PutInput):
         allowed_backends = serializers.CharField(required=False)
         default_backend = serializers.CharField(required=False)
+
+        def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+            # Narrowing to one backend says which is the default: the request alone is then valid
+            # or not, whatever the stored policy (and the schema can say so).
+            if attrs.get("allowed_backends") in ("A", "B") and "default_backend" not in attrs:
+                raise serializers.ValidationError(
+                    {"default_backend": f"Required when allowed_backends is a single backend ({attrs['allowed_backends']})."}
+                )
+            return attrs
 
     def _render(self, request: Request, policy: TenantPolicy) -> Response:
         return ok(request, TenantPolicyOutput(policy).data)
@@ -49,7 +119,7 @@ class TenantPolicyApi(TenantApiView):
 
     @extend_schema(
         operation_id="tenant_policy_patch",
-        request=PatchInput,
+        request={"application/json": POLICY_PATCH_SCHEMA},
         responses=responses(200, "TenantPolicyPatchEnvelope", TenantPolicyOutput(), 422),
     )
     def patch(self, request: Request) -> Response:
@@ -57,7 +127,7 @@ class TenantPolicyApi(TenantApiView):
 
     @extend_schema(
         operation_id="tenant_policy_put",
-        request=PutInput,
+        request={"application/json": POLICY_PUT_SCHEMA},
         responses=responses(200, "TenantPolicyPutEnvelope", TenantPolicyOutput(), 422),
     )
     def put(self, request: Request) -> Response:
@@ -104,3 +174,20 @@ class ApiKeyDetailApi(TenantApiView):
     def delete(self, request: Request, key_id: str) -> Response:
         key = api_key_of_tenant(tenant_id=self.tenant.pk, key_id=key_id)
         return ok(request, ApiKeyOutput(api_key_revoke(key=key, ctx=self.actor())).data)
+
+
+class WebhookSecretOutput(serializers.Serializer):
+    secret = serializers.CharField(help_text="whsec_ and base64: shown this once, stored encrypted.")
+
+
+class WebhookSecretApi(TenantApiView):
+    """``POST /webhook-secret``: create or rotate the tenant's webhook signing secret. The answer
+    is the only time the secret is shown; deliveries from then on are signed with it alone."""
+
+    required_permission = PERM_ADMIN
+    audit_action = "webhook_secret.rotate"
+
+    @extend_schema(operation_id="webhook_secret_rotate", request=None, responses=responses(200, "WebhookSecretEnvelope", WebhookSecretOutput()))
+    def post(self, request: Request) -> Response:
+        secret = webhook_secret_rotate(tenant=self.tenant, ctx=self.actor())
+        return ok(request, WebhookSecretOutput({"secret": secret}).data)

@@ -108,6 +108,30 @@ class ApiKey(models.Model):
         return self.revoked_at is None
 
 
+class StaffTenant(models.Model):
+    """Binds a staff user to a tenant whose rows they may see and manage in the admin.
+
+    Staff see only the tenants they are bound to (superusers see all); ``consent_custodian``
+    makes them a consent custodian of this tenant alone (reviewing enrollments, playing consent
+    recordings, erasing speakers), on top of the ``speakers.review_consent`` model permission.
+    """
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="scaiecho_staff_tenants")
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="staff")
+    consent_custodian = models.BooleanField(
+        default=False, help_text="May review consent, play consent recordings and erase speakers of this tenant."
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["tenant__slug", "user__username"]
+        verbose_name = "staff tenant binding"
+        constraints = [models.UniqueConstraint(fields=["user", "tenant"], name="uniq_staff_tenant_user_tenant")]
+
+    def __str__(self) -> str:
+        return f"{self.user} on {self.tenant}{' (custodian)' if self.consent_custodian else ''}"
+
+
 class Backend(models.TextChoices):
     A = "A", "A: self-hosted Whisper workers"
     B = "B", "B: managed relay"
@@ -129,6 +153,16 @@ class TenantPolicy(models.Model):
         default=False,
         help_text="Verified enrollments wait as pending_review until a custodian approves them in the admin.",
     )
+    # Webhooks (contract section 8): the destination of jobs that name none, and the signing
+    # secret, encrypted (``tenants.webhooks``); the secret itself is shown once, when made.
+    webhook_url = models.CharField(
+        "default webhook URL",
+        max_length=2048,
+        blank=True,
+        help_text="Called when a job that names no webhook_url completes or fails.",
+    )
+    webhook_secret_encrypted = models.BinaryField(null=True, blank=True, editable=False)
+    webhook_secret_created_at = models.DateTimeField(null=True, blank=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 from django.db.models import Count, Q, QuerySet, Sum
+from django.db.models.functions import TruncDate
 from django.utils import timezone
 
 from scaiecho_site import errors
@@ -18,9 +19,11 @@ from tenants.models import (
     Membership,
     Tenant,
     TenantBudget,
+    TenantPolicy,
     UsageRecord,
     api_key_hash,
 )
+from tenants.webhooks import secret_open
 
 
 def api_key_by_hash(*, key_hash: str) -> ApiKey | None:
@@ -95,6 +98,15 @@ def usage_in_period(*, tenant: Tenant, period: str, now: datetime | None = None)
         records = records.filter(created_at__gte=start, created_at__lt=end)
     totals = records.aggregate(ms=Sum("audio_duration_ms"), cost=Sum("cost"))
     return (totals["ms"] or 0) / 1000, totals["cost"] or Decimal("0")
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Audio, and its cost, that admitted but unfinished work holds against a tenant's budgets
+    until the work's usage record replaces it (or the work fails and holds nothing)."""
+
+    audio_ms: int = 0
+    cost: Decimal = Decimal("0")
 
 
 @dataclass(frozen=True)
@@ -239,3 +251,50 @@ def usage_summary(*, tenant: Tenant | None = None, now: datetime | None = None) 
             window.total.add(*numbers)
             window.by_backend.setdefault(row["backend"], UsageTotals()).add(*numbers)
     return sorted(summaries.values(), key=lambda summary: summary.tenant.slug)
+
+
+# --- Operations: /metrics and the admin charts -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UsageCount:
+    """Metered transcriptions of one kind on one backend, and their audio."""
+
+    kind: str
+    backend: str
+    records: int
+    audio_ms: int
+
+
+def usage_counts() -> list[UsageCount]:
+    """Every usage record there is, counted by kind (batch, stream) and backend: one grouped query."""
+    rows = UsageRecord.objects.order_by().values("kind", "backend").annotate(n=Count("id"), ms=Sum("audio_duration_ms"))
+    return [UsageCount(kind=row["kind"], backend=row["backend"], records=row["n"], audio_ms=row["ms"] or 0) for row in rows]
+
+
+@dataclass(frozen=True)
+class DailyAudio:
+    tenant_slug: str
+    day: date
+    audio_ms: int
+
+
+def usage_audio_per_day(*, since: datetime, tenant_ids: frozenset[uuid.UUID] | None = None) -> list[DailyAudio]:
+    """Audio metered per tenant per UTC day from ``since`` on; ``tenant_ids`` limits it to those
+    tenants (``None``: every tenant). One grouped query."""
+    records = UsageRecord.objects.filter(created_at__gte=since)
+    if tenant_ids is not None:
+        records = records.filter(tenant_id__in=tenant_ids)
+    rows = (
+        records.annotate(day=TruncDate("created_at", tzinfo=UTC))
+        .order_by()
+        .values("tenant__slug", "day")
+        .annotate(ms=Sum("audio_duration_ms"))
+        .order_by("day", "tenant__slug")
+    )
+    return [DailyAudio(tenant_slug=row["tenant__slug"], day=row["day"], audio_ms=row["ms"] or 0) for row in rows]
+def webhook_secret_of(*, tenant_id: uuid.UUID) -> str | None:
+    """The tenant's webhook signing secret, decrypted, or ``None`` when it has none. For the
+    delivery that signs with it: never for an answer to a client."""
+    token = TenantPolicy.objects.filter(tenant_id=tenant_id).values_list("webhook_secret_encrypted", flat=True).first()
+    return None if token is None else secret_open(token)

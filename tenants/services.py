@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
@@ -32,7 +32,9 @@ from tenants.models import (
     Backend,
     BudgetAction,
     Membership,
+    PermissionGrant,
     Role,
+    StaffTenant,
     Tenant,
     TenantBudget,
     TenantPolicy,
@@ -40,7 +42,8 @@ from tenants.models import (
     UsageRecord,
     api_key_hash,
 )
-from tenants.selectors import BudgetUsage, budget_usages, budgets_active
+from tenants.selectors import BudgetUsage, Reservation, budget_usages, budgets_active
+from tenants.webhooks import destination_problem, secret_generate, secret_seal
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +89,135 @@ def audit_record(
 
 def audit_permission_denied(*, ctx: ActorContext, action: str, reason: str) -> AuditEvent:
     return audit_record(ctx=ctx, action=action, outcome=AuditEvent.Outcome.FAILURE, details={"reason": reason})
+
+
+# --- Audit of operators' admin changes -------------------------------------------------------------
+# One function per event type. The admin calls them in save_model / delete_model / save_formset /
+# its actions, inside the transaction of the change (Django's admin wraps its change and delete
+# views in one; actions open their own).
+
+
+def audit_tenant_saved(*, ctx: ActorContext, tenant: Tenant, created: bool, module_before: bool | None) -> AuditEvent | None:
+    """A tenant created, or its ScaiEcho module switched on or off; other edits are not audited."""
+    if created:
+        action, details = "tenant.create", {"scaiecho_enabled": tenant.scaiecho_enabled, "tier": tenant.tier}
+    elif module_before is not None and module_before != tenant.scaiecho_enabled:
+        action = "tenant.module_enable" if tenant.scaiecho_enabled else "tenant.module_disable"
+        details = {"module": "scaiecho", "before": module_before, "after": tenant.scaiecho_enabled}
+    else:
+        return None
+    return audit_record(
+        ctx=ctx, tenant=tenant, action=action, resource_type="tenant", resource_id=str(tenant.pk), details={**details, "via": "admin"}
+    )
+
+
+def audit_tenant_deleted(*, ctx: ActorContext, tenant: Tenant) -> AuditEvent:
+    return audit_record(
+        ctx=ctx, tenant=tenant, action="tenant.delete", resource_type="tenant", resource_id=str(tenant.pk), details={"via": "admin"}
+    )
+
+
+def audit_membership_saved(*, ctx: ActorContext, membership: Membership, role_before: str | None) -> AuditEvent | None:
+    """A member added (``role_before`` None) or their role changed; nothing when the role stayed."""
+    return _audit_binding_saved(
+        ctx=ctx, binding=membership, changed_action="membership.role_change", before=role_before, after=membership.role
+    )
+
+
+def audit_membership_deleted(*, ctx: ActorContext, membership: Membership) -> AuditEvent:
+    return _audit_binding(ctx=ctx, binding=membership, action="membership.delete", details={"role": membership.role})
+
+
+def audit_grant_added(*, ctx: ActorContext, grant: PermissionGrant) -> AuditEvent:
+    return _audit_grant(ctx=ctx, grant=grant, action="permission_grant.create")
+
+
+def audit_grant_removed(*, ctx: ActorContext, grant: PermissionGrant) -> AuditEvent:
+    return _audit_grant(ctx=ctx, grant=grant, action="permission_grant.delete")
+
+
+def audit_grant_changed(*, ctx: ActorContext, grant: PermissionGrant, permission_before: str) -> AuditEvent | None:
+    if permission_before == grant.permission:
+        return None
+    return _audit_grant(ctx=ctx, grant=grant, action="permission_grant.update", before=permission_before)
+
+
+def _audit_grant(*, ctx: ActorContext, grant: PermissionGrant, action: str, before: str | None = None) -> AuditEvent:
+    membership = grant.membership
+    details: dict[str, Any] = {
+        "username": membership.user.get_username(),
+        "membership": membership.pk,
+        "permission": grant.permission,
+        "via": "admin",
+    }
+    if before is not None:
+        details["before"] = before
+    return audit_record(
+        ctx=ctx, tenant=membership.tenant, action=action, resource_type="permission_grant", resource_id=str(grant.pk), details=details
+    )
+
+
+def audit_api_key_renamed(*, ctx: ActorContext, key: ApiKey, name_before: str) -> AuditEvent | None:
+    if name_before == key.name:
+        return None
+    return audit_record(
+        ctx=ctx,
+        tenant=key.membership.tenant,
+        action="api_key.rename",
+        resource_type="api_key",
+        resource_id=str(key.pk),
+        details={"before": name_before, "after": key.name, "via": "admin"},
+    )
+
+
+def audit_staff_tenant_saved(*, ctx: ActorContext, binding: StaffTenant, custodian_before: bool | None) -> AuditEvent | None:
+    """A staff user bound to a tenant (``custodian_before`` None), or their custodian grant changed."""
+    return _audit_binding_saved(
+        ctx=ctx,
+        binding=binding,
+        changed_action="staff_tenant.custodian_change",
+        before=custodian_before,
+        after=binding.consent_custodian,
+        after_key="consent_custodian",
+    )
+
+
+def audit_staff_tenant_deleted(*, ctx: ActorContext, binding: StaffTenant) -> AuditEvent:
+    details = {"consent_custodian": binding.consent_custodian}
+    return _audit_binding(ctx=ctx, binding=binding, action="staff_tenant.delete", details=details)
+
+
+def _audit_binding_saved(
+    *,
+    ctx: ActorContext,
+    binding: Membership | StaffTenant,
+    changed_action: str,
+    before: object | None,
+    after: object,
+    after_key: str = "after",
+) -> AuditEvent | None:
+    """A user's binding to a tenant saved in the admin: ``<resource>.create`` when ``before`` is None
+    (a new row), ``changed_action`` when the audited field moved; nothing when it stayed."""
+    if before is not None and before == after:
+        return None
+    resource_type = changed_action.partition(".")[0]
+    action = f"{resource_type}.create" if before is None else changed_action
+    return _audit_binding(ctx=ctx, binding=binding, action=action, details={"before": before, after_key: after})
+
+
+def _audit_binding(
+    *, ctx: ActorContext, binding: Membership | StaffTenant, action: str, details: dict[str, Any]
+) -> AuditEvent:
+    """One audit row for an operator's admin change to a membership or a staff binding. The action is
+    ``<resource_type>.<verb>``; the row names the user, and ``via: admin`` tells it from API changes."""
+    return audit_record(
+        ctx=ctx,
+        tenant=binding.tenant,
+        action=action,
+        resource_type=action.partition(".")[0],
+        resource_id=str(binding.pk),
+        details={"username": binding.user.get_username(), **details, "via": "admin"},
+    )
 
 
 # --- Tenants and members -------------------------------------------------------------------------
@@ -220,28 +352,77 @@ def policy_get_or_provision(*, tenant: Tenant) -> TenantPolicy:
 
 @transaction.atomic
 def policy_update(
-    *, tenant: Tenant, ctx: ActorContext, allowed_backends: str | None = None, default_backend: str | None = None
+    *,
+    tenant: Tenant,
+    ctx: ActorContext,
+    allowed_backends: str | None = None,
+    default_backend: str | None = None,
+    webhook_url: str | None = None,
 ) -> TenantPolicy:
-    """Change the policy (fields left ``None`` keep their value) and audit the change."""
+    """Change the policy (fields left ``None`` keep their value; ``webhook_url=""`` removes the
+    default destination) and audit the change."""
     policy_get_or_provision(tenant=tenant)
     policy = TenantPolicy.objects.select_for_update().get(tenant=tenant)
     before = {"allowed_backends": policy.allowed_backends, "default_backend": policy.default_backend}
+    if webhook_url is not None:
+        before["webhook_url"] = policy.webhook_url
     new_allowed = allowed_backends if allowed_backends is not None else policy.allowed_backends
     new_default = default_backend if default_backend is not None else policy.default_backend
     policy_validate(allowed_backends=new_allowed, default_backend=new_default)
+    if webhook_url:
+        webhook_url = webhook_destination_accept(policy=policy, url=webhook_url)
     policy.allowed_backends = new_allowed
     policy.default_backend = new_default
-    policy.save(update_fields=["allowed_backends", "default_backend", "updated_at"])
+    if webhook_url is not None:
+        policy.webhook_url = webhook_url
+    policy.save(update_fields=["allowed_backends", "default_backend", "webhook_url", "updated_at"])
     tenant.policy = policy
+    after = {"allowed_backends": new_allowed, "default_backend": new_default}
+    if webhook_url is not None:
+        after["webhook_url"] = policy.webhook_url
     audit_record(
         ctx=ctx,
         tenant=tenant,
         action="tenant_policy.update",
         resource_type="tenant_policy",
         resource_id=str(tenant.pk),
-        details={"before": before, "after": {"allowed_backends": new_allowed, "default_backend": new_default}},
+        details={"before": before, "after": after},
     )
     return policy
+
+
+def webhook_destination_accept(*, policy: TenantPolicy, url: str, field: str = "webhook_url") -> str:
+    """``url`` when it may receive the tenant's webhooks (:func:`tenants.webhooks.destination_problem`)
+    and the tenant has a signing secret to sign them with; else ``VALIDATION_ERROR`` on ``field``."""
+    problem = destination_problem(url)
+    if problem is None and policy.webhook_secret_encrypted is None:
+        problem = "The tenant has no webhook signing secret yet: create one with POST /v1/modules/scaiecho/webhook-secret."
+    if problem is not None:
+        raise errors.ValidationError(f"The webhook URL is not accepted: {problem}", details=[{"field": field, "message": problem}])
+    return url
+
+
+@transaction.atomic
+def webhook_secret_rotate(*, tenant: Tenant, ctx: ActorContext) -> str:
+    """Create the tenant's webhook signing secret, or replace it: deliveries from now on are
+    signed with the new one only. Returns the secret, which is stored encrypted and never shown
+    again. The caller has checked ``scaiecho:admin``; the audit row names no secret."""
+    policy_get_or_provision(tenant=tenant)
+    policy = TenantPolicy.objects.select_for_update().get(tenant=tenant)
+    rotated = policy.webhook_secret_encrypted is not None
+    secret = secret_generate()
+    policy.webhook_secret_encrypted = secret_seal(secret)
+    policy.webhook_secret_created_at = timezone.now()
+    policy.save(update_fields=["webhook_secret_encrypted", "webhook_secret_created_at", "updated_at"])
+    tenant.policy = policy
+    audit_record(
+        ctx=ctx,
+        tenant=tenant,
+        action="webhook_secret.rotate" if rotated else "webhook_secret.create",
+        resource_type="webhook_secret",
+        resource_id=str(tenant.pk),
+    )
+    return secret
 
 
 def backend_candidates(*, allowed_backends: str, default_backend: str, preference: str) -> list[str]:
@@ -307,8 +488,11 @@ def usage_price_per_audio_minute(*, backend: str) -> Decimal:
 
 def usage_cost(*, backend: str, audio_duration_ms: int) -> Decimal:
     """The cost of ``audio_duration_ms`` of audio on ``backend``, rounded half up to six places."""
-    price = usage_price_per_audio_minute(backend=backend)
-    return (price * Decimal(audio_duration_ms) / Decimal(60_000)).quantize(COST_QUANTUM, rounding=ROUND_HALF_UP)
+    return _cost_at(price=usage_price_per_audio_minute(backend=backend), audio_ms=audio_duration_ms)
+
+
+def _cost_at(*, price: Decimal, audio_ms: int) -> Decimal:
+    return (price * Decimal(audio_ms) / Decimal(60_000)).quantize(COST_QUANTUM, rounding=ROUND_HALF_UP)
 
 
 def usage_record(
@@ -358,10 +542,12 @@ class BudgetStatus:
     """What ``budget_check`` found: every active budget with its usage, and what is left.
 
     The remaining allowance counts only ``block`` budgets (``notify`` budgets never stop work);
-    ``None`` means unlimited. A stream uses it to decide when to check again.
+    ``None`` means unlimited. What ``held`` reserves for unfinished work is taken off it. A
+    stream uses it to decide when to check again.
     """
 
     usages: tuple[BudgetUsage, ...]
+    held: Reservation = Reservation()
 
     @property
     def _blocking(self) -> list[BudgetUsage]:
@@ -370,12 +556,12 @@ class BudgetStatus:
     @property
     def remaining_audio_seconds(self) -> float | None:
         left = [u.remaining_audio_seconds for u in self._blocking if u.remaining_audio_seconds is not None]
-        return min(left) if left else None
+        return max(0.0, min(left) - self.held.audio_ms / 1000) if left else None
 
     @property
     def remaining_cost(self) -> Decimal | None:
         left = [u.remaining_cost for u in self._blocking if u.remaining_cost is not None]
-        return min(left) if left else None
+        return max(Decimal("0"), min(left) - self.held.cost) if left else None
 
     def remaining_audio_seconds_on(self, *, backend: str) -> float | None:
         """Audio seconds left on ``backend``: the audio limits and the cost limits at its price."""
@@ -445,7 +631,9 @@ def _budget_audit_once(*, usage: BudgetUsage, action: str, ctx: ActorContext, te
     return True
 
 
-def budget_check(*, tenant: Tenant, ctx: ActorContext | None = None, now: datetime | None = None) -> BudgetStatus:
+def budget_check(
+    *, tenant: Tenant, ctx: ActorContext | None = None, now: datetime | None = None, held: Reservation | None = None
+) -> BudgetStatus:
     """Refuse work when one of the tenant's active ``block`` budgets is used up.
 
     Call it before any backend spend (and again during a stream). Raises ``BudgetExceeded``
@@ -454,6 +642,8 @@ def budget_check(*, tenant: Tenant, ctx: ActorContext | None = None, now: dateti
     writes one ``budget.exceeded`` audit row per budget per period; any budget past its soft
     limit writes one ``budget.soft_limit`` row per period. Those rows commit in their own
     (nested) transaction; the caller has checked permissions. ``ctx`` defaults to a system actor.
+    ``held`` (what the tenant's unfinished work has reserved) is taken off what the status says
+    is left; only finished usage decides whether a budget is used up.
     """
     now = now or timezone.now()
     ctx = ctx or system_actor(tenant=tenant, label="budget_check")
@@ -489,7 +679,60 @@ def budget_check(*, tenant: Tenant, ctx: ActorContext | None = None, now: dateti
             f"it resets at {usage.period_end:%Y-%m-%dT%H:%M:%SZ}.",
             retry_after=retry_after,
         )
-    return BudgetStatus(usages=tuple(usages))
+    return BudgetStatus(usages=tuple(usages), held=held or Reservation())
+
+
+def budget_reserve(
+    *,
+    tenant: Tenant,
+    audio_ms: int | None,
+    longest_ms: int,
+    backends: Sequence[str],
+    held: Callable[[], Reservation],
+    now: datetime | None = None,
+) -> Reservation:
+    """Admit work of ``audio_ms`` on one of ``backends`` against the tenant's ``block`` budgets,
+    counting what the tenant's unfinished work already holds, and return the reservation the
+    caller stores with the new work, in this same transaction. Raises ``BudgetExceeded`` (429)
+    when it does not fit in what is left; writes nothing itself.
+
+    ``audio_ms`` ``None`` means the length is not known yet (the container does not say): the
+    work then holds what is left, at most ``longest_ms``, until it knows. The cost held is the
+    audio at the highest price among ``backends``, since the one used is resolved later.
+
+    Call it inside the caller's ``transaction.atomic()``: it locks the tenant's active blocking
+    budget rows (``SELECT ... FOR UPDATE``), so the admissions of one tenant take turns until the
+    transaction that stores the reservation commits, and none of them can count what another is
+    about to take. ``held`` is called once that lock is held: the reservations live with the work
+    in a higher layer (transcription's unfinished jobs), which this layer may not import, so the
+    caller passes the read in. A tenant without blocking budgets locks nothing.
+    """
+    now = now or timezone.now()
+    price = max((usage_price_per_audio_minute(backend=backend) for backend in backends), default=Decimal("0"))
+    blocking = list(budgets_active(tenant=tenant).filter(hard_action=BudgetAction.BLOCK).select_for_update(of=("self",)))
+    if not blocking:
+        wanted_ms = longest_ms if audio_ms is None else audio_ms
+        return Reservation(audio_ms=wanted_ms, cost=_cost_at(price=price, audio_ms=wanted_ms))
+    already = held()
+    status = BudgetStatus(usages=tuple(budget_usages(budgets=blocking, now=now)), held=already)
+    left_ms: list[float] = []
+    if status.remaining_audio_seconds is not None:
+        left_ms.append(status.remaining_audio_seconds * 1000)
+    if status.remaining_cost is not None and price > 0:
+        left_ms.append(float(status.remaining_cost / price) * 60_000)
+    allowance_ms = math.floor(min(left_ms)) if left_ms else None
+    holding = f" ({already.audio_ms / 1000:.1f} s are held by unfinished jobs)" if already.audio_ms else ""
+    if allowance_ms is not None and allowance_ms <= 0:
+        raise errors.BudgetExceeded(f"Nothing is left of the tenant's budget{holding}.")
+    if audio_ms is None:
+        wanted_ms = longest_ms if allowance_ms is None else min(longest_ms, allowance_ms)
+    elif allowance_ms is not None and audio_ms > allowance_ms:
+        raise errors.BudgetExceeded(
+            f"The audio is {audio_ms / 1000:.1f} s long; {allowance_ms / 1000:.1f} s of the budget are left{holding}."
+        )
+    else:
+        wanted_ms = audio_ms
+    return Reservation(audio_ms=wanted_ms, cost=_cost_at(price=price, audio_ms=wanted_ms))
 
 
 @transaction.atomic

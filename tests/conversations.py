@@ -57,6 +57,7 @@ from typing import Literal
 import numpy as np
 
 from bench import corpus
+from speech.audio import phone_band
 
 VERSION = "1"
 RATE = 16_000
@@ -381,16 +382,6 @@ def _assemble(spec: _Spec, asterisk_next: list[int]) -> Conversation:
     samples = np.clip(samples, -1.0, 1.0)
     overlaps = [(round(a, 3), round(b, 3)) for a, b in overlaps]
     return Conversation(spec.name, samples, turns, "wideband", overlaps)
-
-
-def phone_band(samples: np.ndarray) -> np.ndarray:
-    """What a telephone line does to 16 kHz audio: down to 8 kHz, 300-3400 Hz, back to 16 kHz."""
-    from scipy import signal
-
-    narrow = signal.resample_poly(samples, 1, 2)
-    sos = signal.butter(8, [300, 3400], btype="bandpass", fs=8000, output="sos")
-    narrow = signal.sosfiltfilt(sos, narrow)
-    return np.clip(signal.resample_poly(narrow, 2, 1), -1.0, 1.0).astype(np.float32)[: samples.size]
 
 
 def _cache_dir(cache_dir: str | os.PathLike[str] | None) -> Path:

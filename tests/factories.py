@@ -22,6 +22,8 @@ from tenants.models import (
     UsageRecord,
 )
 from tenants.services import api_key_create, usage_cost
+from transcription.models import TranscriptionJob
+from transcription.storage import stage_upload
 
 
 class TenantFactory(factory.django.DjangoModelFactory):
@@ -107,3 +109,14 @@ class TenantBudgetFactory(factory.django.DjangoModelFactory):
     limit_audio_seconds = 3600
     limit_cost = None
     hard_action = BudgetAction.BLOCK
+
+
+def staged_job(key: IssuedKey, wav: bytes) -> TranscriptionJob:
+    """An async job as ``POST /transcribe`` leaves it: staged audio and a queued row (no task sent)."""
+    job = TranscriptionJob(
+        tenant=key.tenant, user=key.membership.user, api_key=key.key, is_async=True,
+        audio_sha256="0" * 64, audio_bytes=len(wav), audio_ext="wav",
+    )
+    job.staged_path = stage_upload(job_id=str(job.id), ext="wav", data=wav)
+    job.save()
+    return job

@@ -31,6 +31,7 @@ SYNTHETIC_VOICE_THRESHOLDS = {
     # Measured on the test voices' 1.5 s windows: each voice stays one cluster up to 0.55, and the
     # four voices are four clusters from 0.5 (Alice and the stranger merge below).
     "SCAIECHO_SPEAKER_CLUSTER_THRESHOLD": "0.5",
+    "SCAIECHO_SPEAKER_CLUSTER_THRESHOLD_NARROWBAND": "0.5",
 }
 
 
@@ -76,6 +77,15 @@ def worker_env(relay: RelayServer, django_db_setup: None, tmp_path_factory: pyte
         "SCAIECHO_WHISPER_CPU_THREADS": "1",
         # Low enough that a test can send longer audio without making hours of it.
         "SCAIECHO_MAX_AUDIO_SECONDS": "120",
+        # As scripts/run does: the workers and the daphne server of the session add up their
+        # metrics through one folder, so /metrics shows what a worker timed (tests/test_metrics.py).
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path_factory.mktemp("prometheus")),
+        # Webhooks go to a receiver on 127.0.0.1 (tests/transcription/test_webhooks.py), with
+        # retries a test can wait for: 1 s per attempt, 0.2 s then 0.4 s between, 3 attempts.
+        "SCAIECHO_WEBHOOK_ALLOW_PRIVATE": "true",
+        "SCAIECHO_WEBHOOK_TIMEOUT_SECONDS": "1",
+        "SCAIECHO_WEBHOOK_RETRY_BASE_SECONDS": "0.2",
+        "SCAIECHO_WEBHOOK_MAX_ATTEMPTS": "3",
         **SYNTHETIC_VOICE_THRESHOLDS,
     }
 
@@ -137,6 +147,18 @@ class DaphneServer(ManagedProcess):
             return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
         except httpx.TransportError:
             return False
+
+
+@pytest.fixture(scope="module")
+def live_daphne(django_db_setup: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaphneServer]:
+    """A daphne server of one test module, on the test database, with the environment as it is
+    (not the session workers' settings that :func:`daphne_server` runs with)."""
+    env = {**os.environ, "DATABASE_URL": database_url_for_workers()}
+    server = DaphneServer(env=env, log_path=tmp_path_factory.mktemp("daphne") / "daphne.log")
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

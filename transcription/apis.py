@@ -19,38 +19,30 @@ from rest_framework.response import Response
 
 from scaiecho_site import errors
 from scaiecho_site.envelope import ok
-from scaiecho_site.schema import ErrorEnvelope, responses
+from scaiecho_site.schema import ErrorEnvelope, error_responses, responses
 from speakers.selectors import unknown_speaker_ids
-from speech.audio import sniff_extension
+from speech.audio import probe_audio
 from speech.engines.base import Segment, TranscriptionResult, Word
 from tenants.models import PERM_DIARIZE, PERM_TRANSCRIBE
 from tenants.permissions import TenantApiView
-from tenants.services import BACKEND_PREFERENCES, audit_record, policy_get_or_provision, policy_resolve_backend
+from tenants.services import (
+    BACKEND_PREFERENCES,
+    audit_record,
+    policy_get_or_provision,
+    policy_resolve_backend,
+    webhook_destination_accept,
+)
 from transcription import formats
 from transcription.failures import error_of
+from transcription.limits import InlineWait, inline_wait_acquire, inline_wait_release
 from transcription.models import TranscriptionJob
 from transcription.selectors import job_for_owner
+from transcription.serializers import JobOutput, SegmentOutput, job_data
 from transcription.services import job_create, job_wait
 
 ASYNC_NOTE = "Long-form transcribe runs asynchronously. Poll GET /v1/modules/scaiecho/transcribe/jobs/{id}"
 
 # A failed inline job answers with the error its failure stands for.
-
-
-class SegmentOutput(serializers.Serializer):
-    start = serializers.FloatField()
-    end = serializers.FloatField()
-    text = serializers.CharField()
-    speaker_id = serializers.CharField(required=False, allow_null=True)
-    speaker_label = serializers.CharField(required=False)
-
-    def to_representation(self, instance: Any) -> dict[str, Any]:
-        # Speaker fields appear only on diarized output; there an anonymous voice has speaker_id null.
-        data = super().to_representation(instance)
-        if data.get("speaker_label") is None:
-            data.pop("speaker_label", None)
-            data.pop("speaker_id", None)
-        return data
 
 
 class InlineResultOutput(serializers.Serializer):
@@ -70,44 +62,6 @@ class QueuedOutput(serializers.Serializer):
     note = serializers.CharField()
 
 
-class JobOutput(serializers.Serializer):
-    job_id = serializers.CharField(source="id")
-    status = serializers.CharField()
-    status_reason = serializers.CharField(allow_null=True)
-    transcript = serializers.CharField(allow_null=True)
-    segments = SegmentOutput(many=True, allow_null=True)
-    backend_used = serializers.CharField(allow_null=True)
-    language_detected = serializers.CharField(allow_null=True)
-    audio_duration_ms = serializers.IntegerField(allow_null=True)
-    audio_bytes = serializers.IntegerField()
-    created_at = serializers.DateTimeField()
-    completed_at = serializers.DateTimeField(allow_null=True)
-
-
-def _or_none(value: Any) -> Any:
-    return value if value not in ("", None) else None
-
-
-def job_data(job: TranscriptionJob) -> dict[str, Any]:
-    """The job as the contract shows it: fields not set (yet) are ``null``."""
-    completed = job.status == TranscriptionJob.Status.COMPLETED
-    return JobOutput(
-        {
-            "id": str(job.id),
-            "status": job.status,
-            "status_reason": _or_none(job.status_reason),
-            "transcript": job.transcript if completed else None,
-            "segments": job.segments if completed else None,
-            "backend_used": _or_none(job.backend_used),
-            "language_detected": _or_none(job.language_detected),
-            "audio_duration_ms": job.audio_duration_ms,
-            "audio_bytes": job.audio_bytes,
-            "created_at": job.created_at,
-            "completed_at": job.completed_at,
-        }
-    ).data
-
-
 def read_upload(upload: Any) -> tuple[bytes, str]:
     """The uploaded bytes and their container's extension; size and format checked by content."""
     if upload.size > settings.SCAIECHO_MAX_UPLOAD_BYTES:
@@ -115,12 +69,14 @@ def read_upload(upload: Any) -> tuple[bytes, str]:
             f"The file is {upload.size} bytes; the limit is {settings.SCAIECHO_MAX_UPLOAD_BYTES} bytes."
         )
     data = upload.read()
-    return data, sniff_extension(data)
+    # Headers only (container, codec, sample rate, declared duration): decoding is the worker's.
+    return data, probe_audio(data, max_duration_s=settings.SCAIECHO_MAX_AUDIO_SECONDS).container
 
 
-def finish_inline(job: TranscriptionJob) -> TranscriptionJob:
-    """Wait for an inline job; a job still unfinished at the deadline stays pollable."""
-    job = job_wait(job_id=job.id, timeout_s=settings.SCAIECHO_SYNC_TIMEOUT_SECONDS)
+def finish_inline(job: TranscriptionJob, *, wait: InlineWait) -> TranscriptionJob:
+    """Wait for an inline job, holding ``wait``'s places; a job still unfinished at the deadline
+    stays pollable."""
+    job = job_wait(job_id=job.id, timeout_s=settings.SCAIECHO_SYNC_TIMEOUT_SECONDS, heartbeat=wait.refresh)
     if job.status == TranscriptionJob.Status.FAILED:
         raise error_of(code=job.error_code, reason=job.status_reason)
     if job.status != TranscriptionJob.Status.COMPLETED:
@@ -277,12 +233,22 @@ class TranscribeApi(DiarizeMixin, TenantApiView):
         diarize = serializers.BooleanField(default=False)
         speaker_ids = serializers.ListField(child=serializers.CharField(), required=False)
         vad_segmentation = serializers.BooleanField(default=True, help_text=VAD_SEGMENTATION_HELP)
+        webhook_url = serializers.CharField(
+            required=False,
+            max_length=2048,
+            help_text="Called (POST, signed per Standard Webhooks) when the job completes or fails; an http or https "
+            "URL on a public address, and the tenant needs a signing secret (POST /webhook-secret), else 422. "
+            "Without it the tenant policy's default applies.",
+        )
+
+        class Meta:
+            ref_name = "TranscribeInput"
 
     @extend_schema(
         operation_id="transcribe",
         request={"multipart/form-data": InputSerializer},
         responses={
-            **responses(200, "TranscribeInlineEnvelope", InlineResultOutput(), 413, 415, 422, 502, 504),
+            **responses(200, "TranscribeInlineEnvelope", InlineResultOutput(), 413, 415, 422, 502, 503, 504),
             202: responses(202, "TranscribeQueuedEnvelope", QueuedOutput())[202],
         },
     )
@@ -292,29 +258,42 @@ class TranscribeApi(DiarizeMixin, TenantApiView):
         params = serializer.validated_data
         speaker_ids = self.diarize_speakers(request, diarize=params["diarize"], speaker_ids=params.get("speaker_ids"))
         counts = self.speaker_counts(params, diarize=params["diarize"])
+        webhook_url = params.get("webhook_url")
+        if webhook_url is not None:
+            webhook_url = webhook_destination_accept(policy=policy_get_or_provision(tenant=self.tenant), url=webhook_url)
         data, ext = read_upload(params["file"])
-        is_async = len(data) > settings.SCAIECHO_ASYNC_AUDIO_THRESHOLD_BYTES or params["force_async"]
-        if not is_async:
-            # Fail fast instead of queueing work no backend can take; the worker resolves again.
-            policy_resolve_backend(policy=policy_get_or_provision(tenant=self.tenant), preference=params["backend_preference"])
-        job = job_create(
-            ctx=self.actor(),
-            data=data,
-            ext=ext,
-            is_async=is_async,
-            backend_preference=params["backend_preference"],
-            language_hint=params.get("language_hint", ""),
-            temperature=params.get("temperature"),
-            diarize=params["diarize"],
-            speaker_ids=speaker_ids,
-            vad_segmentation=params["vad_segmentation"],
-            **counts,
-        )
-        audit_record(ctx=self.actor(), action="transcription.create", resource_type="transcription_job", resource_id=str(job.id))
-        if is_async:
-            queued = {"id": str(job.id), "status": job.status, "audio_bytes": job.audio_bytes, "note": ASYNC_NOTE}
-            return ok(request, QueuedOutput(queued).data, status=202)
-        job = finish_inline(job)
+        wait: InlineWait | None = None
+        if len(data) <= settings.SCAIECHO_ASYNC_AUDIO_THRESHOLD_BYTES and not params["force_async"]:
+            try:
+                wait = inline_wait_acquire(tenant_id=str(self.tenant.pk))
+            except errors.RateLimited:
+                pass  # too many inline requests wait already: this one takes the async path (202)
+        try:
+            if wait is not None:
+                # Fail fast instead of queueing work no backend can take; the worker resolves again.
+                policy_resolve_backend(policy=policy_get_or_provision(tenant=self.tenant), preference=params["backend_preference"])
+            job = job_create(
+                ctx=self.actor(),
+                data=data,
+                ext=ext,
+                is_async=wait is None,
+                backend_preference=params["backend_preference"],
+                language_hint=params.get("language_hint", ""),
+                temperature=params.get("temperature"),
+                diarize=params["diarize"],
+                speaker_ids=speaker_ids,
+                vad_segmentation=params["vad_segmentation"],
+                webhook_url=webhook_url,
+                **counts,
+            )
+            audit_record(ctx=self.actor(), action="transcription.create", resource_type="transcription_job", resource_id=str(job.id))
+            if wait is None:
+                queued = {"id": str(job.id), "status": job.status, "audio_bytes": job.audio_bytes, "note": ASYNC_NOTE}
+                return ok(request, QueuedOutput(queued).data, status=202)
+            job = finish_inline(job, wait=wait)
+        finally:
+            if wait is not None:
+                inline_wait_release(wait)
         inline = {**job_data(job), "id": str(job.id), "segments": job.segments or []}
         return ok(request, InlineResultOutput(inline).data)
 
@@ -372,6 +351,9 @@ class OpenAITranscriptionApi(DiarizeMixin, TenantApiView):
         # windows unless told not to.
         vad_segmentation = serializers.BooleanField(required=False, help_text=VAD_SEGMENTATION_HELP)
 
+        class Meta:
+            ref_name = "OpenAITranscriptionInput"
+
         def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
             attrs = super().validate(attrs)
             if attrs.get("chunking_strategy") and attrs.get("vad_segmentation") is False:
@@ -383,7 +365,16 @@ class OpenAITranscriptionApi(DiarizeMixin, TenantApiView):
     @extend_schema(
         operation_id="openai_audio_transcriptions",
         request={"multipart/form-data": InputSerializer},
-        responses={200: OpenApiResponse(description="json, text, srt, vtt, verbose_json or diarized_json"), 401: ErrorEnvelope, 415: ErrorEnvelope, 422: ErrorEnvelope},
+        responses={
+            200: OpenApiResponse(description="json, text, srt, vtt, verbose_json or diarized_json"),
+            # Errors in the envelope, like every other endpoint's (403: diarized_json without
+            # scaiecho:diarize, or the module off; 502: no backend available).
+            **error_responses(413, 415, 422, 502, 503, 504),
+            429: OpenApiResponse(
+                ErrorEnvelope,
+                description="RATE_LIMITED (with retry_after and Retry-After; also when too many inline requests wait) or BUDGET_EXCEEDED",
+            ),
+        },
     )
     def post(self, request: Request) -> Response | HttpResponse:
         serializer = self.InputSerializer(
@@ -397,23 +388,29 @@ class OpenAITranscriptionApi(DiarizeMixin, TenantApiView):
         granularities = params.get("timestamp_granularities") or ["segment"]
         data, ext = read_upload(params["file"])
         policy_resolve_backend(policy=policy_get_or_provision(tenant=self.tenant))
-        job = job_create(
-            ctx=self.actor(),
-            data=data,
-            ext=ext,
-            is_async=False,
-            language_hint=params.get("language", ""),
-            temperature=params.get("temperature"),
-            word_timestamps="word" in granularities,
-            prompt=params.get("prompt", ""),
-            source=TranscriptionJob.Source.OPENAI,
-            diarize=diarize,
-            speaker_ids=speaker_ids,
-            vad_segmentation=params.get("vad_segmentation", True),
-            **counts,
-        )
-        audit_record(ctx=self.actor(), action="transcription.create", resource_type="transcription_job", resource_id=str(job.id))
-        job = finish_inline(job)
+        # OpenAI's clients cannot take a 202: over a waiting cap this is a 429 with Retry-After,
+        # before any job exists (nothing staged, nothing billed).
+        wait = inline_wait_acquire(tenant_id=str(self.tenant.pk))
+        try:
+            job = job_create(
+                ctx=self.actor(),
+                data=data,
+                ext=ext,
+                is_async=False,
+                language_hint=params.get("language", ""),
+                temperature=params.get("temperature"),
+                word_timestamps="word" in granularities,
+                prompt=params.get("prompt", ""),
+                source=TranscriptionJob.Source.OPENAI,
+                diarize=diarize,
+                speaker_ids=speaker_ids,
+                vad_segmentation=params.get("vad_segmentation", True),
+                **counts,
+            )
+            audit_record(ctx=self.actor(), action="transcription.create", resource_type="transcription_job", resource_id=str(job.id))
+            job = finish_inline(job, wait=wait)
+        finally:
+            inline_wait_release(wait)
         body, content_type = formats.render(
             result_from_job(job),
             response_format=params["response_format"],

@@ -24,6 +24,21 @@ class JobAttemptsExhausted(errors.BackendError):
     transient = False
 
 
+class JobQueuedTooLong(errors.QueueUnavailable):
+    """The job waited in the queue longer than ``SCAIECHO_JOB_MAX_QUEUED_SECONDS`` (its task was
+    lost, or the workers are that far behind); the sweep ends it rather than leave it waiting."""
+
+    default_message = "The job waited in the queue too long."
+    transient = False
+
+
+class DatabaseLost(errors.InternalError):
+    """The database connection broke mid-job on every try (a restart, a failover); what the job
+    had not committed was lost with it, so it was run again, up to its retries."""
+
+    default_message = "The database connection was lost."
+
+
 # Most specific class first: an error takes the first row it is an instance of. The reason is the
 # fixed text clients see; ``None`` there means the error's own message.
 FAILURES: tuple[tuple[type[errors.ApplicationError], str | None], ...] = (
@@ -33,11 +48,14 @@ FAILURES: tuple[tuple[type[errors.ApplicationError], str | None], ...] = (
     (errors.BackendUnavailable, "backend unavailable"),
     (JobTimeLimit, "time limit exceeded"),
     (JobAttemptsExhausted, "worker lost too many times"),
+    (JobQueuedTooLong, "queued too long"),
+    (errors.QueueUnavailable, "queue unavailable"),
     (errors.ValidationError, None),
     (errors.UpstreamShapeMismatch, None),
     (errors.BackendError, None),
     (errors.BackendTimeout, None),
     (errors.BackendRateLimited, None),
+    (DatabaseLost, "database unavailable"),
     (errors.InternalError, "internal error"),
 )
 

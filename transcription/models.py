@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from decimal import Decimal
 
 from django.conf import settings
 from django.db import models
@@ -74,12 +75,21 @@ class TranscriptionJob(models.Model):
     vad_segmentation = models.BooleanField(default=True)
     # Limits diarization to these enrolled speakers (ids as strings); empty: all ready speakers.
     speaker_ids = models.JSONField(default=list, blank=True)
+    # Called when the job completes or fails: the request's webhook_url, else the tenant's default
+    # at the time the job was created; empty: no webhook.
+    webhook_url = models.CharField(max_length=2048, blank=True)
 
     # The audio.
     audio_sha256 = models.CharField(max_length=64)
     audio_bytes = models.BigIntegerField()
     audio_ext = models.CharField(max_length=8)
     staged_path = models.CharField(max_length=300, blank=True)
+    # What the job holds against the tenant's budgets while it is queued or running: its declared
+    # length at admission (the real one once a worker has decoded it) and that audio's cost at the
+    # highest price of the backends it may use. A finished job's usage record counts instead; the
+    # columns stay as they were, for the record.
+    reserved_audio_ms = models.BigIntegerField(default=0)
+    reserved_cost = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal("0"))
 
     # The result.
     backend_used = models.CharField(max_length=1, blank=True)
@@ -90,13 +100,20 @@ class TranscriptionJob(models.Model):
 
     attempts = models.PositiveIntegerField(default=0)
     worker_id = models.CharField(max_length=200, blank=True)
+    # The Celery queue the job's task came from ("" for the default): its pieces, and a job or
+    # piece the sweep puts back, go to the same queue and so to the same workers.
+    queue = models.CharField(max_length=200, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     started_at = models.DateTimeField(null=True, blank=True)
     completed_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]
-        indexes = [models.Index(fields=["tenant", "user", "-created_at"], name="job_tenant_user_created")]
+        indexes = [
+            models.Index(fields=["tenant", "user", "-created_at"], name="job_tenant_user_created"),
+            # Fair dispatch reads the jobs finished in the last hour.
+            models.Index(fields=["completed_at"], name="job_completed_at"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.id} ({self.status})"
@@ -142,3 +159,58 @@ class TranscriptionPiece(models.Model):
 
     def __str__(self) -> str:
         return f"{self.job_id}#{self.index} ({self.status})"
+
+
+class WebhookDelivery(models.Model):
+    """One webhook event of a job (``transcription.completed`` or ``transcription.failed``) and
+    its delivery: the body is fixed when the job finishes, so every attempt sends the same bytes
+    under the same ``webhook-id`` (each with its own timestamp and signature)."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending"  # the first attempt, or a retry, is still to come
+        DELIVERED = "delivered"  # a 2xx answer
+        FAILED = "failed"  # a 4xx or 3xx answer, a refused destination, or attempts used up
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="webhook_deliveries")
+    job = models.ForeignKey(TranscriptionJob, on_delete=models.CASCADE, related_name="webhook_deliveries")
+    event_type = models.CharField(max_length=50)
+    url = models.CharField(max_length=2048)
+    body = models.TextField()
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING, db_index=True)
+    attempts = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name_plural = "webhook deliveries"
+
+    def __str__(self) -> str:
+        return f"{self.event_type} for job {self.job_id} ({self.status})"
+
+    @property
+    def message_id(self) -> str:
+        """The ``webhook-id`` header, the same for every attempt."""
+        return f"msg_{self.id.hex}"
+
+
+class WebhookAttempt(models.Model):
+    """One POST of a delivery, as the receiver answered it (or why it got no answer)."""
+
+    delivery = models.ForeignKey(WebhookDelivery, on_delete=models.CASCADE, related_name="attempt_rows")
+    number = models.PositiveIntegerField()
+    started_at = models.DateTimeField()
+    duration_ms = models.PositiveIntegerField(default=0)
+    status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    error = models.CharField(max_length=500, blank=True)
+    response_excerpt = models.TextField(blank=True)
+    next_retry_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["delivery", "number"]
+        constraints = [models.UniqueConstraint(fields=["delivery", "number"], name="webhook_attempt_delivery_number_unique")]
+
+    def __str__(self) -> str:
+        return f"attempt {self.number}: {self.status_code or self.error}"

@@ -23,7 +23,8 @@ _worker_id: str | None = None
 
 
 def _beat(worker_id: str) -> None:
-    from transcription.services import jobs_fail_stale, worker_heartbeat
+    from speakers.services import enrollments_sweep
+    from transcription.services import jobs_sweep, worker_claimant, worker_heartbeat
 
     interval = max(1.0, settings.SCAIECHO_WORKER_HEARTBEAT_TTL_SECONDS / 3)
     while not _stop.is_set():
@@ -35,7 +36,8 @@ def _beat(worker_id: str) -> None:
                 model_name=settings.SCAIECHO_WHISPER_MODEL,
                 device=settings.SCAIECHO_WHISPER_DEVICE or "auto",
             )
-            jobs_fail_stale()
+            jobs_sweep(me=worker_claimant(node=worker_id))
+            enrollments_sweep()
         except Exception:  # a database hiccup must not kill the heartbeat
             logger.exception("worker heartbeat failed")
         _stop.wait(interval)

@@ -23,6 +23,7 @@ from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE, get_tokenizer
 
 from speech.audio import SAMPLE_RATE
 from speech.engines.base import Engine, Segment, TranscribeOptions, TranscriptionResult, WindowPlan, Word
+from speech.engines.short import ShortWindowEngine
 from speech.engines.weights import LoadedModel, load_whisper_model
 from speech.engines.windows import window_plan
 from speech.errors import ValidationError
@@ -317,7 +318,7 @@ class _ShortModel:
         return detect_language(self, mel, tokenizer)
 
 
-class ShortWindowWhisper(Engine):
+class ShortWindowWhisper(ShortWindowEngine):
     """Decode a short span with a :class:`~speech.engines.whisper.WhisperEngine`'s model,
     encoding the span plus ``margin_s`` (at least ``min_window_s``) instead of 30 s.
 
@@ -328,31 +329,15 @@ class ShortWindowWhisper(Engine):
     """
 
     name = "openai-whisper-short-window"
-
-    def __init__(self, engine: WhisperEngine, *, margin_s: float = 1.5, min_window_s: float = 4.0) -> None:
-        super().__init__()
-        self.engine = engine
-        self.lock = engine.lock
-        self.device = engine.device
-        self.margin_s = margin_s
-        self.min_window_s = min_window_s
+    engine: WhisperEngine
 
     def warm_up(self) -> None:
         """Load the model and compile Whisper's word-alignment code (numba, several seconds on the
         first call in a process), so the first live cut does not stall. Call at worker start-up."""
-        t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
-        tone = (0.1 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
-        self.transcribe(tone, options=TranscribeOptions(language="en", word_timestamps=True))
+        super().warm_up()
         from whisper.timing import dtw
 
         dtw(torch.rand(4, 4))
-
-    def load(self) -> None:
-        self.engine.load()
-
-    def transcribe(self, samples: np.ndarray, *, options: TranscribeOptions) -> TranscriptionResult:
-        """Greedy decode of one short span (at ``options.temperature``, default 0), one segment."""
-        return self.transcribe_batch([samples], options=options)[0]
 
     def transcribe_batch(
         self, windows: Sequence[np.ndarray], *, options: TranscribeOptions
@@ -361,7 +346,7 @@ class ShortWindowWhisper(Engine):
         language = self.engine._language_code(options.language)
         prepared = [np.asarray(window, dtype=np.float32).reshape(-1) for window in windows]
         longest = max((samples.size for samples in prepared), default=0) / SAMPLE_RATE
-        window = min(30.0, max(self.min_window_s, float(np.ceil(longest + self.margin_s))))
+        window = self.window_s(longest)
         with self.engine.lock, torch.inference_mode():
             model = self.engine.load().model
             if str(model.device) == "cpu":

@@ -4,7 +4,6 @@ streams it, and the final captions are checked by word error rate."""
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ from tenants.models import Role
 from tests.streaming.test_consumer import issue
 from tests.streaming.test_stream_worker import stream_worker, wait_until_announced  # noqa: F401 (fixture)
 from tests.voices import synth_speech, word_error_rate
-from tests.workers import DaphneServer, database_url_for_workers
+from tests.workers import DaphneServer
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -56,16 +55,6 @@ def speech_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def server(django_db_setup: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaphneServer]:
-    env = {**os.environ, "DATABASE_URL": database_url_for_workers()}
-    daphne = DaphneServer(env=env, log_path=tmp_path_factory.mktemp("daphne") / "daphne.log")
-    try:
-        yield daphne
-    finally:
-        daphne.stop()
-
-
 @pytest.fixture
 def open_page(speech_wav: Path) -> Iterator[Callable[..., object]]:
     """``open_page(url, microphone=True)`` → a Playwright page in a fresh headless Chromium."""
@@ -100,6 +89,27 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.25)
 
 
+def record_urls(page: object) -> list[tuple[str, str]]:
+    """Every (method, URL) the page opens from now on: HTTP requests and WebSockets."""
+    opened: list[tuple[str, str]] = []
+    page.on("request", lambda request: opened.append((request.method, request.url)))
+    page.on("websocket", lambda ws: opened.append(("WEBSOCKET", ws.url)))
+    return opened
+
+
+def assert_key_stays_out_of_urls(opened: list[tuple[str, str]], key: str) -> None:
+    """The key was traded over POST for an sct_ token; no URL carries it, or any sgk_ key."""
+    assert not [url for _, url in opened if "sgk_" in url or key in url], opened
+    assert ("POST", opened_url(opened, "/captions/token")) in opened
+    sockets = [url for method, url in opened if method == "WEBSOCKET"]
+    assert sockets, opened
+    assert all("token=sct_" in url for url in sockets), sockets
+
+
+def opened_url(opened: list[tuple[str, str]], path: str) -> str:
+    return next(url for _, url in opened if url.split("?")[0].endswith(path))
+
+
 def error_text(page: object) -> str:
     page.locator("#error").wait_for(state="visible", timeout=15_000)
     return page.locator("#error").inner_text()
@@ -110,6 +120,7 @@ def test_microphone_captions(server: DaphneServer, open_page: Callable[..., obje
     key = issue(Role.TENANT_ADMIN, policy=("A", "A"))
     wait_until_announced()
     page = open_page(f"{server.url}/captions/")
+    opened = record_urls(page)
     page.fill("#api-key", key.secret)
     page.click("#start")
     wait_for(lambda: word_error_rate(SPOKEN, final_text(page)) <= 0.25, 30, f"captions of {SPOKEN!r}")
@@ -122,6 +133,7 @@ def test_microphone_captions(server: DaphneServer, open_page: Callable[..., obje
     assert page.locator("#finals li.final time").first.inner_text() == "00:00"
     assert page.locator("#finals").get_attribute("aria-live") == "polite"
     assert page.evaluate("Object.keys(localStorage).length") == 0
+    assert_key_stays_out_of_urls(opened, key.secret)
 
 
 @pytest.mark.usefixtures("stream_worker")
@@ -129,6 +141,7 @@ def test_file_captions(server: DaphneServer, open_page: Callable[..., object], s
     key = issue(Role.TENANT_ADMIN, policy=("A", "A"))
     wait_until_announced()
     page = open_page(f"{server.url}/captions/", microphone=False)
+    opened = record_urls(page)
     page.fill("#api-key", key.secret)
     page.set_input_files("#audio-file", str(speech_wav))
     started = time.monotonic()
@@ -138,6 +151,7 @@ def test_file_captions(server: DaphneServer, open_page: Callable[..., object], s
     assert time.monotonic() - started >= 4.5
     captions = final_text(page)
     assert word_error_rate(SPOKEN, captions) <= 0.25, captions
+    assert_key_stays_out_of_urls(opened, key.secret)
 
 
 def test_denied_microphone(server: DaphneServer, open_page: Callable[..., object]) -> None:
@@ -151,11 +165,29 @@ def test_denied_microphone(server: DaphneServer, open_page: Callable[..., object
 
 def test_bad_key(server: DaphneServer, open_page: Callable[..., object]) -> None:
     page = open_page(f"{server.url}/captions/")
+    opened = record_urls(page)
     page.fill("#api-key", "sgk_" + "x" * 40)
     page.click("#start")
     assert "not accepted" in error_text(page)
     assert page.locator("#error").get_attribute("data-code") == "4401"
     assert page.locator("#reconnect").is_visible()
+    # Refused at the exchange: no socket was opened, and the key was in no URL (leaving the field
+    # asked, in a header too, whether to offer speakers: the answer was no toggle).
+    assert sorted(opened) == sorted([("GET", opened_url(opened, "/captions/features")), ("POST", opened_url(opened, "/captions/token"))]), opened
+    assert not [url for _, url in opened if "sgk_" in url], opened
+    assert page.locator("#speakers-field").is_hidden()
+
+
+def test_a_key_in_a_link_is_traded_too(server: DaphneServer, open_page: Callable[..., object]) -> None:
+    """Someone pastes a key into a caption link: the page drops it from the address bar and
+    still opens the socket with a caption token, never the key."""
+    key = issue(Role.TENANT_ADMIN, policy=("A", "A"))
+    page = open_page(f"{server.url}/captions/#token={key.secret}")
+    assert "sgk_" not in page.url
+    opened = record_urls(page)
+    with page.expect_websocket(timeout=20_000):
+        page.click("#start")
+    assert_key_stays_out_of_urls(opened, key.secret)
 
 
 @pytest.mark.usefixtures("stream_worker")
@@ -168,6 +200,8 @@ def test_caption_token_link(server: DaphneServer, open_page: Callable[..., objec
     page = open_page(f"{server.url}/captions/#token={token}")
     assert "token" not in page.url  # taken out of the address bar
     assert page.locator("#api-key").is_hidden()
+    # The token alone tells the page that this (admin) key may show who is speaking.
+    page.locator("#speakers-field").wait_for(state="visible", timeout=10_000)
     page.click("#start")
     page.locator("#status", has_text="Listening").wait_for(timeout=20_000)
     wait_for(lambda: bool(final_text(page)), 30, "a final caption")

@@ -10,7 +10,7 @@ from django.utils.html import escape
 
 from speakers.models import ConsentEvent, ErasureAudit, Speaker, SpeakerEmbedding
 from speech.audio import decode_audio
-from tenants.models import AuditEvent, Role, TenantPolicy
+from tenants.models import AuditEvent, Role, StaffTenant, TenantPolicy
 from tests.factories import KeyFactory
 from tests.speakers.voices import ALICE, BORIS, CONSENT_TEXT, PURPOSE, enroll, say, wait_enrolled
 
@@ -18,11 +18,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 
 @pytest.fixture
-def custodian(client):
+def custodian(client, pending):
     user = User.objects.create_user("custodian", password="x", is_staff=True)
     user.user_permissions.add(
         *Permission.objects.filter(codename__in=["view_speaker", "review_consent", "view_consentevent", "view_erasureaudit"])
     )
+    # Custody is granted per tenant, on the staff user's binding to it.
+    StaffTenant.objects.create(user=user, tenant=pending[0].tenant, consent_custodian=True)
     client.force_login(user)
     return user
 
@@ -99,6 +101,7 @@ def test_staff_without_the_custodian_permission_cannot_play_or_decide(client, pe
     alice, _ = pending
     user = User.objects.create_user("viewer", password="x", is_staff=True)
     user.user_permissions.add(Permission.objects.get(codename="view_speaker"))
+    StaffTenant.objects.create(user=user, tenant=alice.tenant)  # sees the tenant, holds no custody
     client.force_login(user)
     page = client.get(reverse("admin:speakers_speaker_change", args=[alice.pk]))
     assert page.status_code == 200

@@ -3,6 +3,7 @@ consent verification on espeak-ng voices, erasure of a ready speaker, and diariz
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,9 +55,10 @@ def assert_no_embedding_in(body: dict, speaker_id: str) -> None:
     assert not {key for key in keys_in(body) if "embedding" in key or "vector" in key}
     row = SpeakerEmbedding.objects.filter(speaker_id=speaker_id).first()
     if row is not None:
-        vector = embedding_from_bytes(crypto.decrypt(bytes(row.ciphertext)))
         text = json.dumps(body)
-        assert not any(f"{value:.6f}"[:8] in text for value in vector[:16])
+        for ciphertext in (row.ciphertext, row.phone_ciphertext):
+            vector = embedding_from_bytes(crypto.decrypt(bytes(ciphertext)))
+            assert not any(f"{value:.6f}"[:8] in text for value in vector[:16])
 
 
 @pytest.fixture
@@ -90,6 +92,12 @@ def test_enrollment_verifies_the_consent_and_becomes_ready(api, speech_worker, e
     assert vector.shape == (EMBEDDING_DIM,)
     assert abs(float(np.linalg.norm(vector)) - 1) < 1e-3
     assert vector.astype("<f4").tobytes() not in bytes(row.ciphertext)  # encrypted at rest
+    # The reference through a phone line, stored the same way: another vector of the same voice.
+    phone = embedding_from_bytes(crypto.decrypt(bytes(row.phone_ciphertext)))
+    assert abs(float(np.linalg.norm(phone)) - 1) < 1e-3
+    assert phone.astype("<f4").tobytes() not in bytes(row.phone_ciphertext)
+    assert row.phone_sha256 == hashlib.sha256(phone.astype("<f4").tobytes()).hexdigest() != row.sha256
+    assert float(vector @ phone) < 0.99  # not a copy
     assert word_error_rate(CONSENT_TEXT, ConsentRecord.objects.get(speaker_id=speaker_id).consent_transcript) <= 0.25
 
 
@@ -120,7 +128,7 @@ def test_a_tenant_requiring_review_holds_verified_enrollments(api, speech_worker
     assert SpeakerEmbedding.objects.filter(speaker=speaker).exists()
 
 
-def test_erasure_destroys_the_embedding_and_both_recordings(api, speech_worker, enroller):
+def test_erasure_destroys_both_embeddings_and_both_recordings(api, speech_worker, enroller):
     speaker_id = enroll_ready(api, enroller, ALICE)
     consent = ConsentRecord.objects.get(speaker_id=speaker_id)
     embedding = SpeakerEmbedding.objects.get(speaker_id=speaker_id)
@@ -134,6 +142,7 @@ def test_erasure_destroys_the_embedding_and_both_recordings(api, speech_worker, 
     audit = ErasureAudit.objects.get(speaker_id=speaker_id)
     destroyed = {item["item"]: item for item in audit.destroyed}
     assert destroyed["embedding"]["sha256"] == embedding.sha256
+    assert destroyed["phone_embedding"]["sha256"] == embedding.phone_sha256 != ""
     assert destroyed["reference_recording"]["sha256"] == consent.reference_sha256
     assert destroyed["consent_recording"]["existed"] is True
     assert audit.actor_id == enroller.membership.user_id

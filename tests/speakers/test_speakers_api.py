@@ -139,7 +139,9 @@ def test_unreadable_recordings_are_unsupported_media(api, enroller):
 
 
 def test_oversize_recordings_are_refused(api, enroller, settings):
-    settings.SCAIECHO_SPEAKER_MAX_UPLOAD_BYTES = 10_000
+    # The reference is one byte over; the whole body stays within the route's body limit (two
+    # recordings), so the answer names the file.
+    settings.SCAIECHO_SPEAKER_MAX_UPLOAD_BYTES = len(say(ALICE, REFERENCE_TEXT)) - 1
     body = assert_error(enroll(api, enroller, ALICE), 413, "PAYLOAD_TOO_LARGE")
     assert body["error"]["details"][0]["field"] == "reference"
     assert_nothing_stored()
@@ -169,6 +171,20 @@ def test_list_is_paginated_and_tenant_scoped(api, enroller):
     assert pending["count"] == 0
 
 
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ({"offset": "17853679132044494724514447360"}, "offset"),  # was a 500 (bigint out of range)
+        ({"offset": "1000000001"}, "offset"),
+        ({"status": ""}, "status"),
+        ({"limit": ""}, "limit"),
+    ],
+)
+def test_list_parameters_out_of_range_or_blank_are_refused(api, enroller, query, field):
+    body = assert_error(api.get(SPEAKERS_URL, query, headers=enroller.headers), 422, "VALIDATION_ERROR")
+    assert [detail["field"] for detail in body["error"]["details"]] == [field]
+
+
 def test_other_tenants_speakers_are_not_found(api, enroller):
     theirs = KeyFactory.issue(grants=[PERM_ENROLL])
     speaker_id = enroll(api, theirs, BORIS).json()["data"]["id"]
@@ -191,6 +207,10 @@ def test_profile_edits_change_only_display_fields_and_are_in_the_consent_trail(a
     body = assert_error(api.patch(url, {"status": "ready"}, format="json", headers=enroller.headers), 422, "VALIDATION_ERROR")
     assert body["error"]["details"][0]["field"] == "status"
     assert_error(api.patch(url, {"language_primary": "english"}, format="json", headers=enroller.headers), 422, "VALIDATION_ERROR")
+    # A number is not a name (found by the schema fuzz: 0.0 was stored as "0.0").
+    body = assert_error(api.patch(url, {"display_name": 0.0, "description": 7}, format="json", headers=enroller.headers), 422, "VALIDATION_ERROR")
+    assert {detail["field"] for detail in body["error"]["details"]} == {"display_name", "description"}
+    assert Speaker.objects.get(pk=speaker_id).display_name == "Alice Smith"
     assert Speaker.objects.get(pk=speaker_id).status == "pending"
     update = ConsentEvent.objects.get(speaker_id=speaker_id, kind="profile_updated")
     assert update.details == {"fields": ["description", "display_name"]}

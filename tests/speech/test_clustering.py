@@ -45,12 +45,40 @@ def test_num_speakers_forces_the_count_and_bounds_clamp_it():
     assert len(set(clustering.cluster_embeddings(rows[:2], threshold=0.3, num_speakers=3))) == 2
 
 
-def test_a_lone_odd_window_joins_the_closest_voice_unless_the_count_is_forced():
+def toward(direction: np.ndarray, similarity: float, *, seed: int) -> np.ndarray:
+    """A unit vector at exactly ``similarity`` (cosine) to ``direction``."""
+    unit = direction / np.linalg.norm(direction)
+    other = np.random.default_rng(seed).normal(size=unit.size)
+    other -= (other @ unit) * unit
+    other /= np.linalg.norm(other)
+    return similarity * unit + np.sqrt(1 - similarity**2) * other
+
+
+def test_a_lone_window_near_a_voice_joins_it_one_unlike_every_voice_stays_a_speaker():
     rows, _ = voices(1, 10)
-    odd = voices(1, 1, seed=7)[0]
-    both = np.concatenate([rows, odd])
-    assert set(clustering.cluster_embeddings(both, threshold=0.3)) == {0}
-    assert set(clustering.cluster_embeddings(both, threshold=0.3, num_speakers=2)) == {0, 1}
+    centre = rows.mean(axis=0)
+    near = toward(centre, 0.25, seed=7)  # apart at the threshold, yet like this voice more than not
+    assert set(clustering.cluster_embeddings(np.vstack([rows, near]), threshold=0.3)) == {0}
+    assert set(clustering.cluster_embeddings(np.vstack([rows, near]), threshold=0.3, num_speakers=2)) == {0, 1}
+    # Someone with one turn in the whole recording: not a cough of the main voice.
+    stranger = toward(centre, 0.05, seed=8)
+    labels = clustering.cluster_embeddings(np.vstack([rows, stranger]), threshold=0.3)
+    assert list(labels) == [0] * 10 + [1]
+
+
+def test_a_short_window_unlike_every_voice_is_a_voice_of_its_own_when_the_count_is_free():
+    rows, truth = voices(2, 8)
+    yes = toward(rows[:8].mean(axis=0) + rows[8:].mean(axis=0), 0.05, seed=3)
+    again = toward(yes, 0.9, seed=4)  # the same person's second short turn
+    every = np.vstack([rows, yes, again])
+    short = np.zeros(len(every), dtype=bool)
+    short[-2:] = True
+    labels = clustering.cluster_embeddings(every, threshold=0.3, lone=short)
+    assert same_partition(labels[:-2], truth)
+    assert labels[-1] == labels[-2] == 2
+    # With the count given or bounded, short windows only ever join a voice found among the full ones.
+    assert set(clustering.cluster_embeddings(every, threshold=0.3, lone=short, max_speakers=3)) == {0, 1}
+    assert set(clustering.cluster_embeddings(every, threshold=0.3, lone=short, num_speakers=2)) == {0, 1}
 
 
 def test_short_windows_are_clustered_after_the_full_ones():
@@ -86,3 +114,14 @@ def test_speech_regions_follow_the_vad_probabilities():
     probabilities = np.array([0.1] * 10 + [0.9] * 20 + [0.4] * 3 + [0.1] * 30 + [0.8] * 3 + [0.0] * 5)
     regions = clustering.speech_regions(np.zeros(probabilities.size * 512, np.float32), probabilities=lambda _: probabilities)
     assert regions == [(round(10 * frame, 3), round(33 * frame, 3))]  # the 0.1 s blip is too short
+
+
+def test_phone_audio_is_told_from_wideband_audio():
+    from speech.audio import decode_audio
+    from tests.conversations import phone_band
+    from tests.voices import synth_speech
+
+    wide = decode_audio(synth_speech("The birch canoe slid on the smooth planks.")).samples
+    assert not clustering.narrowband(wide)
+    assert clustering.narrowband(phone_band(wide))
+    assert not clustering.narrowband(np.zeros(16_000, dtype=np.float32))  # silence says nothing

@@ -16,6 +16,8 @@ from speech.engines.base import TranscribeOptions, TranscriptionResult
 from speech.engines.ctranslate2 import CTranslate2Engine
 from speech.engines.weights import PACKAGED, WeightsUnavailable, packaged_ctranslate2_dir
 from speech.errors import ValidationError
+from speech.transcriber import StreamSession
+from tests.conversations import conversations
 from tests.voices import librivox_clips, word_error_rate
 
 pytestmark = pytest.mark.slow
@@ -235,3 +237,25 @@ def test_an_openai_whisper_checkpoint_is_refused_with_the_engine_to_use(tmp_path
 def test_a_model_that_is_neither_packaged_nor_downloadable_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(WeightsUnavailable, match="no-such-model"):
         CTranslate2Engine(model_name="no-such-model", cache_dir=tmp_path).load()
+
+
+@pytest.mark.slow
+def test_a_stream_too_far_behind_for_partials_keeps_both_voices_of_its_final(engine: CTranslate2Engine) -> None:
+    """Regression (issue 10, text lost under load): a worker too far behind makes a final of a span
+    without partials. Whisper decodes this one (a reader's sentence, then another voice's "ten of
+    clubs", from a real three-person call) as "Ten of close." alone; the reader's words must still
+    reach the final."""
+    call = next(c for c in conversations(band="wideband") if c.name == "lib-cards-dhd")
+    audio = call.samples[int(5.26 * SAMPLE_RATE) : int(10.54 * SAMPLE_RATE)]
+    session = StreamSession(engine)
+    deltas = []
+    for first in range(0, audio.size, SAMPLE_RATE // 10):
+        deltas += session.feed(audio[first : first + SAMPLE_RATE // 10], now=1000.0)  # far behind
+    deltas += session.close()
+
+    finals = " ".join(d.text for d in deltas if d.is_final)
+    assert not any(not d.is_final for d in deltas)  # finals only: no partial could keep the words
+    reference = "he might have been made still more respectable than he was ten of clubs"
+    assert word_error_rate(reference, finals) <= 0.25, finals
+    assert "respectable" in finals.lower(), finals
+    assert "ten" in finals.lower(), finals

@@ -301,6 +301,22 @@ def test_wav_with_an_unsupported_sample_format_is_rejected(tag: int, bits: int) 
         decoder.feed(header[-1:])
 
 
+@pytest.mark.parametrize("rate", [1, 4_000, 7_999, 192_001, 384_000])
+def test_a_wav_stream_declaring_a_rate_outside_8_to_192_khz_is_refused(rate: int) -> None:
+    """A streamed WAV whose header claims 1 Hz would make each 7 KB last an hour of metered audio."""
+    fmt = struct.pack("<HHIIHH", 1, 1, rate, rate * 2, 2, 16)
+    header = b"RIFF" + struct.pack("<I", 0xFFFFFFFF) + b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt
+    decoder = make_decoder(media_type="audio/wav")
+    with pytest.raises(UnsupportedMedia, match="sample rate"):
+        decoder.feed(header + b"data" + struct.pack("<I", 0xFFFFFFFF) + b"\0" * 64)
+
+
+@pytest.mark.parametrize("rate", [1, 7_999, 192_001])
+def test_raw_pcm_at_a_rate_outside_8_to_192_khz_is_refused(rate: int) -> None:
+    with pytest.raises(ValidationError, match="out of range"):
+        make_decoder(media_type=f"audio/pcm;rate={rate}")
+
+
 def test_stream_ending_inside_the_header_is_an_error() -> None:
     decoder = make_decoder(media_type="audio/wav")
     decoder.feed(b"RIFF\xff\xff\xff\xffWAVEfmt ")
@@ -353,3 +369,21 @@ def test_ogg_recovers_from_a_damaged_page(speech_wav: bytes) -> None:
     got = feed_in_pieces(make_decoder(media_type="audio/ogg"), damaged, seed=9)
     expected = decode_audio(data).samples.size
     assert 0.5 * expected < got.size <= expected  # the audio after the damage still comes out
+
+
+@pytest.mark.parametrize(("media_type", "reference"), [("audio/pcmu", "ulaw2lin"), ("audio/pcma", "alaw2lin")])
+def test_g711_decodes_every_code_word_as_the_itu_tables_do(media_type: str, reference: str) -> None:
+    import warnings
+
+    with warnings.catch_warnings():  # Python 3.11's own G.711 expansion is the reference
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import audioop
+    codes = bytes(range(256)) * 4
+    expected = np.frombuffer(getattr(audioop, reference)(codes, 2), dtype="<i2") / 32768.0
+    decoder = make_decoder(media_type=f"{media_type};rate=16000")  # the pipeline's rate: no resampling
+    decoded = np.concatenate([decoder.feed(codes[:100]), decoder.feed(codes[100:]), decoder.flush()])
+    np.testing.assert_allclose(decoded, expected, atol=1e-7)
+    # At the default 8 kHz, a second of G.711 is a second of audio.
+    eight_khz = make_decoder(media_type=media_type)
+    out = np.concatenate([eight_khz.feed(bytes(8000)), eight_khz.flush()])
+    assert out.size == pytest.approx(16000, abs=32)

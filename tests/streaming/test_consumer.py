@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -84,6 +86,41 @@ def run(scenario: Any) -> Any:
     return asyncio.run(and_close_connections())
 
 
+@asynccontextmanager
+async def stream_opened(secret: str, **fields: Any) -> AsyncIterator[Client]:
+    """A client whose stream is open: ``open`` sent with ``fields``, the answer to it read."""
+    async with Client(f"{PATH}?token={secret}") as client:
+        await client.send({"type": "open", **fields})
+        await client.next_frame()
+        yield client
+
+
+def open_until_close(secret: str, **fields: Any) -> tuple[list[dict[str, Any]], int]:
+    """Send ``open`` with ``fields``; every frame until the server closes, and the close code."""
+
+    async def scenario():
+        async with Client(f"{PATH}?token={secret}") as client:
+            await client.send({"type": "open", **fields})
+            return await client.frames_until_close()
+
+    return run(scenario())
+
+
+def stream_until_close(
+    secret: str, audio: bytes, *, frame_size: int = 8192, **fields: Any
+) -> tuple[list[dict[str, Any]], int]:
+    """Open with ``fields``, send ``audio`` in frames of ``frame_size`` bytes and ``close``; every
+    frame after the answer to ``open`` until the server closes, and the close code."""
+
+    async def scenario():
+        async with stream_opened(secret, **fields) as client:
+            await client.send_audio(audio, frame_size=frame_size)
+            await client.send({"type": "close"})
+            return await client.frames_until_close()
+
+    return run(scenario())
+
+
 def assert_error_close(frames: list[dict[str, Any]], code: int, close: int, expected_code: str) -> dict[str, Any]:
     assert code == close, frames
     assert frames[-1]["type"] == "error", frames
@@ -149,9 +186,7 @@ def test_finalize_flushes_without_closing(relay, speech_wav):
     key = issue()
 
     async def scenario():
-        async with Client(f"{PATH}?token={key.secret}") as client:
-            await client.send({"type": "open", "chunk_seconds": 30})
-            await client.next_frame()
+        async with stream_opened(key.secret, chunk_seconds=30) as client:
             await client.send_audio(speech_wav)
             await client.send({"type": "finalize"})
             delta = await client.next_frame()
@@ -210,15 +245,7 @@ def test_protocol_violations_are_4400_naming_the_field(relay, frames_to_send, fi
 def test_undecodable_audio_is_4400(relay):
     key = issue()
 
-    async def scenario():
-        async with Client(f"{PATH}?token={key.secret}") as client:
-            await client.send({"type": "open", "media_type": "audio/wav"})
-            await client.next_frame()
-            await client.send_audio(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 64)
-            await client.send({"type": "close"})
-            return await client.frames_until_close()
-
-    frames, code = run(scenario())
+    frames, code = stream_until_close(key.secret, b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 64, media_type="audio/wav")
     assert_error_close(frames, code, 4400, "UNSUPPORTED_MEDIA")
 
 
@@ -227,9 +254,7 @@ def test_oversize_frame_is_4413(relay, settings):
     key = issue()
 
     async def scenario():
-        async with Client(f"{PATH}?token={key.secret}") as client:
-            await client.send({"type": "open", "media_type": "audio/pcm"})
-            await client.next_frame()
+        async with stream_opened(key.secret, media_type="audio/pcm") as client:
             await client.ws.send_to(bytes_data=bytes(1001))
             return await client.frames_until_close()
 
@@ -242,9 +267,7 @@ def test_idle_stream_is_closed_4408_and_keepalive_prevents_it(relay, settings):
     key = issue()
 
     async def scenario():
-        async with Client(f"{PATH}?token={key.secret}") as client:
-            await client.send({"type": "open", "media_type": "audio/pcm"})
-            await client.next_frame()
+        async with stream_opened(key.secret, media_type="audio/pcm") as client:
             for _ in range(4):  # 1.2 s kept alive
                 await asyncio.sleep(0.3)
                 await client.send({"type": "keepalive"})
@@ -258,24 +281,14 @@ def test_idle_stream_is_closed_4408_and_keepalive_prevents_it(relay, settings):
 def test_missing_permission_is_4403(relay, role, code_expected):
     key = issue(role)
 
-    async def scenario():
-        async with Client(f"{PATH}?token={key.secret}") as client:
-            await client.send({"type": "open"})
-            return await client.frames_until_close()
-
-    frames, code = run(scenario())
+    frames, code = open_until_close(key.secret)
     assert_error_close(frames, code, 4403, code_expected)
 
 
 def test_diarize_needs_the_diarize_permission(relay):
     key = issue(Role.TENANT_VIEWER)
 
-    async def scenario():
-        async with Client(f"{PATH}?token={key.secret}") as client:
-            await client.send({"type": "open", "diarize": True})
-            return await client.frames_until_close()
-
-    frames, code = run(scenario())
+    frames, code = open_until_close(key.secret, diarize=True)
     assert_error_close(frames, code, 4403, "AUTHZ_PERMISSION_DENIED")
 
 
@@ -284,24 +297,14 @@ def test_disabled_module_is_4403(relay):
     key.tenant.scaiecho_enabled = False
     key.tenant.save(update_fields=["scaiecho_enabled"])
 
-    async def scenario():
-        async with Client(f"{PATH}?token={key.secret}") as client:
-            await client.send({"type": "open"})
-            return await client.frames_until_close()
-
-    frames, code = run(scenario())
+    frames, code = open_until_close(key.secret)
     assert_error_close(frames, code, 4403, "MODULE_NOT_ENABLED")
 
 
 def test_no_available_backend_is_4502(relay):
     key = issue(policy=("A", "A"))  # no stream worker is running
 
-    async def scenario():
-        async with Client(f"{PATH}?token={key.secret}") as client:
-            await client.send({"type": "open"})
-            return await client.frames_until_close()
-
-    frames, code = run(scenario())
+    frames, code = open_until_close(key.secret)
     assert_error_close(frames, code, 4502, "SCAIECHO_BACKEND_UNAVAILABLE")
 
 
@@ -310,12 +313,7 @@ def test_budget_exceeded_at_open_is_4429(relay):
     TenantBudget.objects.create(tenant=key.tenant, period="total", limit_audio_seconds=1, hard_action="block")
     UsageRecord.objects.create(tenant=key.tenant, backend="B", kind="batch", audio_duration_ms=5000, latency_ms=1, cost=0, reference="x")
 
-    async def scenario():
-        async with Client(f"{PATH}?token={key.secret}") as client:
-            await client.send({"type": "open"})
-            return await client.frames_until_close()
-
-    frames, code = run(scenario())
+    frames, code = open_until_close(key.secret)
     assert_error_close(frames, code, 4429, "BUDGET_EXCEEDED")
 
 
@@ -324,9 +322,7 @@ def test_budget_exhausted_during_the_stream_is_4429(relay, speech_wav, settings)
     key = issue()
 
     async def scenario():
-        async with Client(f"{PATH}?token={key.secret}") as client:
-            await client.send({"type": "open", "chunk_seconds": 30})
-            await client.next_frame()
+        async with stream_opened(key.secret, chunk_seconds=30) as client:
             await client.send_audio(speech_wav[: len(speech_wav) // 2])
             await asyncio.to_thread(_exhaust_budget, key)
             await client.send_audio(speech_wav[len(speech_wav) // 2 :])
@@ -348,9 +344,7 @@ def test_revoked_key_ends_a_live_stream_4401(relay, speech_wav, settings):
     key = issue()
 
     async def scenario():
-        async with Client(f"{PATH}?token={key.secret}") as client:
-            await client.send({"type": "open", "chunk_seconds": 30})
-            await client.next_frame()
+        async with stream_opened(key.secret, chunk_seconds=30) as client:
             await client.send_audio(speech_wav[:8192])
             await asyncio.to_thread(api_key_revoke, key=key.key, ctx=system_actor())
             await client.send_audio(speech_wav[8192:16384])
@@ -365,15 +359,7 @@ def test_relay_failure_is_an_error_and_4502(relay, speech_wav):
     relay.error_status = 500
     key = issue()
 
-    async def scenario():
-        async with Client(f"{PATH}?token={key.secret}") as client:
-            await client.send({"type": "open", "chunk_seconds": 1.0})
-            await client.next_frame()
-            await client.send_audio(speech_wav)
-            await client.send({"type": "close"})
-            return await client.frames_until_close()
-
-    frames, code = run(scenario())
+    frames, code = stream_until_close(key.secret, speech_wav, chunk_seconds=1.0)
     assert_error_close(frames, code, 4502, "BACKEND_ERROR")
     assert RELAY_KEY not in json.dumps(frames)
 
@@ -393,15 +379,9 @@ def test_each_media_type_streams_end_to_end(relay, speech_wav, media_type):
     rate = 22050 if media_type == "audio/L16" else 16000  # espeak-ng writes 22.05 kHz
     key = issue()
 
-    async def scenario():
-        async with Client(f"{PATH}?token={key.secret}") as client:
-            await client.send({"type": "open", "media_type": media_type, "sample_rate": rate, "chunk_seconds": 2.0})
-            await client.next_frame()
-            await client.send_audio(payload, frame_size=4096)
-            await client.send({"type": "close"})
-            return await client.frames_until_close()
-
-    frames, code = run(scenario())
+    frames, code = stream_until_close(
+        key.secret, payload, frame_size=4096, media_type=media_type, sample_rate=rate, chunk_seconds=2.0
+    )
     assert code == 1000, frames[-1]
     duration_ms = (len(speech_wav) - 44) / 2 / 22050 * 1000
     assert abs(frames[-1]["audio_duration_ms"] - duration_ms) < 120
@@ -414,9 +394,7 @@ def test_session_longer_than_the_maximum_is_4408(relay, settings):
     key = issue()
 
     async def scenario():
-        async with Client(f"{PATH}?token={key.secret}") as client:
-            await client.send({"type": "open", "media_type": "audio/pcm"})
-            await client.next_frame()
+        async with stream_opened(key.secret, media_type="audio/pcm") as client:
             for _ in range(8):  # kept alive, but past the maximum length
                 await asyncio.sleep(0.25)
                 await client.send({"type": "keepalive"})

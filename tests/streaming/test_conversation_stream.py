@@ -277,6 +277,35 @@ def test_one_conversation_gets_every_turn_finalized_soon_and_the_loop_reads_on_t
     assert p50 <= P50_BOUND_S, latencies
 
 
+def test_three_concurrent_conversations_lose_no_words(embedded, conversation_set):
+    """Three people's calls at once into the embedded default: every turn's last word still
+    reaches a final in each, no final spans more than ~30 s, and every turn gets its final.
+    (Before the separate stream worker's test: that worker, once started, is announced to this
+    module's database until its end, and the embedded mode would send it sessions it cannot hear.)"""
+    chosen = [prepared(conversation_set[name]) for name in ("ast-dhd-cards", "lib-cards-dhd", "cards-ast-alsa")]
+    key = issue(Role.TENANT_VIEWER, policy=("A", "A"))
+
+    async def scenario() -> list[Outcome]:
+        try:
+            start = time.perf_counter() + 0.2
+            return await asyncio.gather(*(stream_talk(key, talk, start_at=start + 0.3 * i) for i, talk in enumerate(chosen)))
+        finally:
+            stop_embedded()
+            await asyncio.sleep(0.2)
+
+    outcomes = run(scenario())
+    every: list[float] = []
+    for talk, outcome in zip(chosen, outcomes, strict=True):
+        assert not missing_last_words(talk, outcome), (talk.name, missing_last_words(talk, outcome))
+        assert not long_finals(outcome), talk.name
+        latencies = final_latencies(talk, outcome)
+        assert None not in latencies, (talk.name, latencies)
+        every += latencies
+    p50 = statistics.median(every)
+    print(f"three sessions: final latency p50 {p50:.2f} s, max {max(every):.2f} s over {len(every)} turns")
+    assert p50 <= 2 * P50_BOUND_S, every
+
+
 @pytest.mark.usefixtures("stream_worker")
 def test_with_redis_and_a_separate_stream_worker_every_turn_is_finalized_soon(conversation_set):
     # The Redis channel layer of the test settings, and ``manage.py stream_worker`` in its own process.
@@ -291,3 +320,4 @@ def test_with_redis_and_a_separate_stream_worker_every_turn_is_finalized_soon(co
     p50 = statistics.median(latencies)
     print(f"separate worker: final latency p50 {p50:.2f} s, max {max(latencies):.2f} s, ready {outcome.ready_s:.2f} s")
     assert p50 <= P50_BOUND_S, latencies
+

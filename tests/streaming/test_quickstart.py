@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-from collections.abc import Iterator
 
 import pytest
 import websockets
@@ -15,21 +13,10 @@ from tenants.models import Role
 from tests.streaming.test_consumer import issue
 from tests.streaming.test_stream_worker import stream_worker, wait_until_announced  # noqa: F401 (fixture)
 from tests.voices import synth_speech, word_error_rate
-from tests.workers import DaphneServer, database_url_for_workers
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 SPOKEN = "Good morning everyone. Please send the report to the finance team before Friday."
-
-
-@pytest.fixture(scope="module")
-def live_daphne(django_db_setup: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaphneServer]:
-    env = {**os.environ, "DATABASE_URL": database_url_for_workers()}
-    server = DaphneServer(env=env, log_path=tmp_path_factory.mktemp("daphne") / "daphne.log")
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

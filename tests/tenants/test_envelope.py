@@ -48,8 +48,8 @@ def test_method_not_allowed(api, admin_key):
 
 
 def test_payload_too_large(api, admin_key, settings):
-    settings.SCAIECHO_MAX_UPLOAD_BYTES = 1000
-    body = "x" * (1000 + 64 * 1024 + 1)
+    settings.SCAIECHO_MAX_REQUEST_BYTES = 1000
+    body = "x" * 1001
     response = api.generic("PATCH", POLICY_URL, body, content_type="application/json", headers=admin_key.headers)
     assert_error(response, 413, "PAYLOAD_TOO_LARGE")
 

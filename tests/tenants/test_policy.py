@@ -58,6 +58,7 @@ def test_put_replaces_the_policy(api, admin_key):
         ("put", {"allowed_backends": "ab", "default_backend": "a"}, "allowed_backends"),
         ("put", {"allowed_backends": "AB"}, "default_backend"),
         ("patch", {"allowed_backends": "A"}, "default_backend"),  # default B no longer allowed
+        ("patch", {"allowed_backends": "B"}, "default_backend"),  # one backend: name it as the default too
         ("patch", {"default_backend": "Z"}, "default_backend"),
         ("patch", {"allowed_backends": ["A"]}, "allowed_backends"),
     ],

@@ -81,6 +81,20 @@ def test_an_unknown_speech_engine_is_refused_at_start(tmp_path):
     assert "scaiecho.E006" in result.stderr
 
 
+@pytest.mark.parametrize(("value", "said"), [("0", "scaiecho.E006"), ("-5", "scaiecho.E006"), ("five", "not a whole number"), ("2.5", "not a whole number")])
+def test_a_beam_width_that_is_not_a_positive_whole_number_is_refused_at_start(tmp_path, value, said):
+    """In any mode: batch jobs would otherwise fail (or decode nothing) at the first file."""
+    result = run_check(clean_env(tmp_path, SCAIECHO_WHISPER_BEAM_SIZE=value))
+    assert result.returncode != 0
+    assert "SCAIECHO_WHISPER_BEAM_SIZE" in result.stderr
+    assert said in result.stderr
+
+
+def test_greedy_decoding_is_a_valid_beam_width(tmp_path):
+    result = run_check(clean_env(tmp_path, SCAIECHO_WHISPER_BEAM_SIZE="1"))
+    assert result.returncode == 0, result.stderr
+
+
 def test_debug_off_means_production(tmp_path):
     result = run_check(clean_env(tmp_path, DEBUG="false", SECRET_KEY="x" * 50, ALLOWED_HOSTS="stt.example.com"))
     assert result.returncode != 0
@@ -94,8 +108,26 @@ def test_wildcard_hosts_are_not_explicit(tmp_path):
     assert "scaiecho.E002" in result.stderr
 
 
-def test_production_with_everything_set_passes(tmp_path):
+def test_production_refuses_to_start_without_a_webhook_secret_key(tmp_path):
+    """Tenants' webhook signing secrets are encrypted at rest: no key, no start."""
     result = run_check(production_env(tmp_path, SCAIECHO_BIOMETRIC_KEYS="Jd4vC1a0m2U8mHq3n1ZrQ6b8dYQ2o4yqkV8Jq9vJ3Zs="))
+    assert result.returncode != 0
+    assert "scaiecho.E020" in result.stderr
+    assert "SCAIECHO_WEBHOOK_SECRET_KEYS" in result.stderr
+    result = run_check(clean_env(tmp_path, SCAIECHO_WEBHOOK_SECRET_KEYS="not-a-fernet-key"))
+    assert result.returncode != 0
+    assert "scaiecho.E021" in result.stderr
+    assert "not-a-fernet-key" not in result.stderr
+
+
+def test_production_with_everything_set_passes(tmp_path):
+    result = run_check(
+        production_env(
+            tmp_path,
+            SCAIECHO_BIOMETRIC_KEYS="Jd4vC1a0m2U8mHq3n1ZrQ6b8dYQ2o4yqkV8Jq9vJ3Zs=",
+            SCAIECHO_WEBHOOK_SECRET_KEYS="cQw3n2mK9vT1xZ8pL4sR7uY0bN6hJ5gF2dA1eC3iW8o=",
+        )
+    )
     assert result.returncode == 0, result.stderr
     assert "scaiecho.E0" not in result.stderr
 

@@ -8,7 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.transcription.test_batch_api import SPOKEN, key_with_policy
+from tests.e2e.test_run_script import SPOKEN  # about 40 s: long enough to be still running after 1 s
+from tests.transcription.test_batch_api import key_with_policy
 from tests.voices import synth_speech, word_error_rate
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]

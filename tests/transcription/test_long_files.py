@@ -23,7 +23,7 @@ from tests.transcription.test_worker_crash import wait_for
 from tests.voices import POCKETSPHINX_DATA, word_error_rate
 from tests.workers import WorkerProcess
 from transcription.models import TranscriptionJob, TranscriptionPiece
-from transcription.services import jobs_fail_stale, worker_heartbeat
+from transcription.services import claimant_node, jobs_fail_stale, worker_heartbeat
 from transcription.storage import stage_upload
 from transcription.tasks import process_transcribe_job
 
@@ -148,7 +148,7 @@ def test_a_long_file_runs_in_pieces_on_both_workers_and_joins_into_one_job(api, 
     done = finished(job, timeout=180, workers=two_workers)
     pieces = list(TranscriptionPiece.objects.filter(job=job).order_by("index"))
     assert len(pieces) == 4
-    assert {piece.worker_id for piece in pieces} == {worker.node for worker in two_workers}
+    assert {claimant_node(piece.worker_id) for piece in pieces} == {worker.node for worker in two_workers}
     assert [piece.attempts for piece in pieces] == [1, 1, 1, 1]
     # Cut at the pauses: no clip is split between two pieces.
     for piece in pieces[1:]:
@@ -203,7 +203,7 @@ def test_a_piece_whose_worker_is_killed_is_retried_and_the_job_completes(worker_
             timeout=120,
             what="a piece to start",
         )
-        victim = next(worker for worker in workers if worker.node == running.worker_id)
+        victim = next(worker for worker in workers if worker.node == claimant_node(running.worker_id))
         victim.kill()
         assert TranscriptionPiece.objects.get(pk=running.pk).status == "running"
 
@@ -212,7 +212,7 @@ def test_a_piece_whose_worker_is_killed_is_retried_and_the_job_completes(worker_
         assert len(pieces) == 2
         survivor = next(worker for worker in workers if worker is not victim)
         retried = next(piece for piece in pieces if piece.pk == running.pk)
-        assert (retried.attempts, retried.worker_id) == (2, survivor.node)
+        assert (retried.attempts, claimant_node(retried.worker_id)) == (2, survivor.node)
         assert all(piece.attempts == 1 for piece in pieces if piece.pk != running.pk)  # the other ran once
         assert word_error_rate(long_speech.text, done.transcript) <= 0.25, done.transcript
         assert_one_usage_record(done, long_speech.duration_s)

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 
 @pytest.mark.parametrize(("sent", "stored"), [(None, True), ("false", False), ("true", True)])
-def test_rest_vad_segmentation_is_stored_on_the_job(api, sent, stored):
+def test_rest_vad_segmentation_is_stored_on_the_job(api, jobs_nobody_takes, sent, stored):
     key = key_with_policy("A", "A")
     form = {"file": upload("s.wav", synth_speech(SPOKEN)), "force_async": "true"}
     if sent is not None:

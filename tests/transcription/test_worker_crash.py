@@ -11,7 +11,7 @@ from tests.factories import KeyFactory
 from tests.voices import synth_speech, word_error_rate
 from tests.workers import WorkerProcess
 from transcription.models import TranscriptionJob
-from transcription.services import worker_heartbeat
+from transcription.services import claimant_node, worker_heartbeat
 from transcription.storage import stage_upload
 from transcription.tasks import process_transcribe_job
 
@@ -67,7 +67,7 @@ def test_killed_worker_job_completes_on_a_new_worker(worker_env, tmp_path):
         process_transcribe_job.apply_async(args=[str(job.id)], queue=QUEUE)
 
         wait_for(
-            lambda: TranscriptionJob.objects.filter(pk=job.id, status="running", worker_id=first.node).exists(),
+            lambda: TranscriptionJob.objects.filter(pk=job.id, status="running", worker_id__startswith=f"{first.node}#").exists(),
             timeout=60,
             what="the first worker to start the job",
         )
@@ -83,7 +83,7 @@ def test_killed_worker_job_completes_on_a_new_worker(worker_env, tmp_path):
             what="the job to finish on the second worker",
         )
         assert done.status == "completed", (done.status_reason, second.log_path.read_text()[-2000:])
-        assert done.worker_id == second.node
+        assert claimant_node(done.worker_id) == second.node
         assert done.attempts == 2
         assert word_error_rate(SPOKEN, done.transcript) <= 0.15
     finally:

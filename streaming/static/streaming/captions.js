@@ -1,5 +1,6 @@
 /* ScaiEcho live captions: microphone or file audio → 16 kHz s16le PCM over the stream WebSocket
- * (contract §4) → partial (tentative) and final (settled) captions. No dependencies. */
+ * (contract §4) → partial (tentative) and final (settled) captions, optionally with who spoke
+ * each final, and the session's finals as text, SRT or WebVTT. No dependencies. */
 (() => {
   "use strict";
 
@@ -7,6 +8,9 @@
   const STREAM_PATH = app.dataset.streamPath;
   const RATE = Number(app.dataset.sampleRate) || 16000;
   const WORKLET_URL = app.dataset.workletUrl;
+  const TOKEN_URL = app.dataset.tokenUrl;
+  const FEATURES_URL = app.dataset.featuresUrl;
+  const KEY_PREFIX = "sgk_";
   const FRAME_MS = 100;
   const REMEMBER_KEY = "scaiecho.captions.apiKey";
 
@@ -16,7 +20,11 @@
     tokenNote: $("token-note"), language: $("language"), start: $("start"), stop: $("stop"),
     reconnect: $("reconnect"), file: $("audio-file"), streamFile: $("stream-file"),
     status: $("status"), error: $("error"), finals: $("finals"), partial: $("partial"),
+    speakersField: $("speakers-field"), speakers: $("speakers"),
+    downloads: [$("download-txt"), $("download-srt"), $("download-vtt")],
   };
+  // Speaker colours by first appearance in a session (distinct in light and dark themes).
+  const SPEAKER_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#e07b00", "#17becf", "#e377c2", "#8c6d31"];
 
   const CLOSE_MESSAGES = {
     4401: "The API key or caption link was not accepted: it is wrong, expired or revoked. Paste a valid key and try again.",
@@ -34,7 +42,13 @@
     const fromHash = new URLSearchParams(location.hash.replace(/^#/, "")).get("token");
     const fromQuery = new URLSearchParams(location.search).get("token");
     linkToken = fromHash || fromQuery;
-    if (linkToken) {
+    if (linkToken && linkToken.startsWith(KEY_PREFIX)) {
+      // A key pasted into a link: use it like a typed key (traded for a caption token), but get
+      // it out of the address bar at once.
+      history.replaceState(null, "", location.pathname);
+      ui.key.value = linkToken;
+      linkToken = null;
+    } else if (linkToken) {
       // Keep the token out of the address bar (history, screenshots, shared screens).
       history.replaceState(null, "", location.pathname);
       ui.keyField.hidden = true;
@@ -52,6 +66,70 @@
   ui.remember.addEventListener("change", () => {
     if (!ui.remember.checked) sessionStorage.removeItem(REMEMBER_KEY);
   });
+
+  // --- what this key may do: the speaker toggle appears only where diarization is allowed ----
+  let featuresAsked = 0;
+  let featuresFor = null;
+  async function loadFeatures(credentialValue) {
+    if (credentialValue === featuresFor) return; // asked already: keep the user's choice
+    featuresFor = credentialValue;
+    const asked = ++featuresAsked;
+    if (!credentialValue) {
+      showSpeakerToggle(false);
+      return;
+    }
+    let features = null;
+    try {
+      const response = await fetch(FEATURES_URL, {
+        headers: { Authorization: `Bearer ${credentialValue}` }, credentials: "omit", cache: "no-store",
+      });
+      const body = await response.json();
+      if (response.ok && body && body.data) features = body.data;
+    } catch { /* unreachable or not JSON: no speaker toggle; Start reports what is wrong */ }
+    if (asked !== featuresAsked) return; // the key changed meanwhile
+    showSpeakerToggle(Boolean(features && features.diarize));
+  }
+
+  function showSpeakerToggle(allowed) {
+    ui.speakersField.hidden = !allowed;
+    if (!allowed) ui.speakers.checked = false;
+  }
+
+  function forgetFeatures() {
+    featuresFor = null;
+    showSpeakerToggle(false);
+  }
+
+  ui.key.addEventListener("change", () => loadFeatures(ui.key.value.trim()));
+  loadFeatures(linkToken || ui.key.value.trim());
+
+  // The key never goes into a URL: it is traded over POST (in the Authorization header) for a
+  // short-lived caption token, and the WebSocket URL carries that token instead.
+  async function streamToken(credentialValue) {
+    if (!credentialValue.startsWith(KEY_PREFIX)) return credentialValue; // already a caption token
+    let response;
+    try {
+      response = await fetch(TOKEN_URL, {
+        method: "POST",
+        headers: { Authorization: `Bearer ${credentialValue}`, "Content-Type": "application/json" },
+        body: "{}",
+        credentials: "omit",
+        cache: "no-store",
+      });
+    } catch (err) {
+      throw Object.assign(new Error("The server could not be reached. Press Reconnect to try again."), { code: 0 });
+    }
+    let body = null;
+    try { body = await response.json(); } catch { /* not JSON: described by the status below */ }
+    if (response.ok && body && body.data && body.data.token) return body.data.token;
+    const error = (body && body.error) || {};
+    // The same refusals as the WebSocket's, so the same messages: 401 → 4401, 403 → 4403, 429 → 4429.
+    const code = { 401: 4401, 403: 4403, 429: 4429 }[response.status] || 0;
+    let message = CLOSE_MESSAGES[code] || `The key could not be exchanged for a caption token (HTTP ${response.status}).`;
+    if (response.status === 429 && error.retry_after) message += ` Retry in ${error.retry_after} s.`;
+    if (error.message && response.status !== 401) message += ` Server said: ${error.message}`;
+    throw Object.assign(new Error(message), { code });
+  }
 
   function credential() {
     if (linkToken) return linkToken;
@@ -79,21 +157,110 @@
     return `${String(Math.floor(total / 60)).padStart(2, "0")}:${String(total % 60).padStart(2, "0")}`;
   }
 
-  function addFinal(delta) {
+  // The finals of the current session, as the downloads write them.
+  let transcript = [];
+  let speakerColours = new Map();
+
+  function resetTranscript() {
+    transcript = [];
+    speakerColours = new Map();
+    ui.downloads.forEach((button) => { button.disabled = true; });
+  }
+
+  function speakerColour(label) {
+    if (!speakerColours.has(label)) {
+      speakerColours.set(label, SPEAKER_COLOURS[speakerColours.size % SPEAKER_COLOURS.length]);
+    }
+    return speakerColours.get(label);
+  }
+
+  function addFinal(delta, withSpeakers) {
     const text = (delta.text || "").trim();
     if (!text) return;
+    const speaker = withSpeakers && delta.speaker_label ? String(delta.speaker_label) : null;
+    const start = Math.max(0, Number(delta.start) || 0);
+    transcript.push({ start, end: Math.max(start, Number(delta.end) || start), text, speaker });
+    ui.downloads.forEach((button) => { button.disabled = false; });
     const item = document.createElement("li");
     item.className = "final";
     const time = document.createElement("time");
-    time.textContent = mmss(delta.start);
-    time.dateTime = `PT${Math.max(0, Number(delta.start) || 0).toFixed(1)}S`;
+    time.textContent = mmss(start);
+    time.dateTime = `PT${start.toFixed(1)}S`;
+    item.append(time);
+    if (speaker) {
+      const name = document.createElement("span");
+      name.className = "speaker";
+      name.textContent = speaker;
+      name.style.setProperty("--speaker-colour", speakerColour(speaker));
+      if (delta.speaker_id) name.dataset.speakerId = delta.speaker_id;
+      item.dataset.speaker = speaker;
+      item.append(name);
+    }
     const span = document.createElement("span");
     span.className = "caption-text";
     span.textContent = text;
-    item.append(time, span);
+    item.append(span);
     ui.finals.append(item);
     item.scrollIntoView({ block: "nearest" });
   }
+
+  // --- downloads: built here from the finals, nothing is sent anywhere -----------------------
+  function clock(seconds, separator) {
+    const ms = Math.round(Math.max(0, seconds) * 1000);
+    const hh = String(Math.floor(ms / 3600000)).padStart(2, "0");
+    const mm = String(Math.floor(ms / 60000) % 60).padStart(2, "0");
+    const ss = String(Math.floor(ms / 1000) % 60).padStart(2, "0");
+    return `${hh}:${mm}:${ss}${separator}${String(ms % 1000).padStart(3, "0")}`;
+  }
+
+  // A cue's end after its start, whatever the backend's rounding said.
+  const cueEnd = (line) => Math.max(line.end, line.start + 0.001);
+  // "-->" would end a cue's timing line early in a player; a blank line would end the cue.
+  const cueText = (text) => text.replace(/-->/g, "->").replace(/\s*\n\s*/g, " ");
+
+  const FORMATS = {
+    txt: {
+      type: "text/plain",
+      build: (lines) => lines.map((line) => `[${clock(line.start, ".").slice(0, 8)}] ${line.speaker ? `${line.speaker}: ` : ""}${line.text}`).join("\n") + "\n",
+    },
+    srt: {
+      type: "application/x-subrip",
+      build: (lines) => lines.map((line, index) => [
+        String(index + 1),
+        `${clock(line.start, ",")} --> ${clock(cueEnd(line), ",")}`,
+        (line.speaker ? `${line.speaker}: ` : "") + cueText(line.text),
+      ].join("\n")).join("\n\n") + "\n",
+    },
+    vtt: {
+      type: "text/vtt",
+      build: (lines) => "WEBVTT\n\n" + lines.map((line, index) => [
+        String(index + 1),
+        `${clock(line.start, ".")} --> ${clock(cueEnd(line), ".")}`,
+        (line.speaker ? `<v ${vttEscape(line.speaker)}>` : "") + vttEscape(cueText(line.text)),
+      ].join("\n")).join("\n\n") + "\n",
+    },
+  };
+
+  function vttEscape(text) {
+    return text.replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;");
+  }
+
+  function download(format) {
+    if (!transcript.length) return;
+    const { type, build } = FORMATS[format];
+    const blob = new Blob([build(transcript)], { type: `${type};charset=utf-8` });
+    const url = URL.createObjectURL(blob);
+    const link = document.createElement("a");
+    const stamp = new Date().toISOString().slice(0, 19).replace(/[-:]/g, "").replace("T", "-");
+    link.href = url;
+    link.download = `captions-${stamp}.${format}`;
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 1000);
+  }
+
+  ui.downloads.forEach((button) => button.addEventListener("click", () => download(button.dataset.format)));
 
   function addNotice(text) {
     const item = document.createElement("li");
@@ -110,6 +277,7 @@
     ui.stop.disabled = !running;
     ui.key.disabled = running;
     ui.language.disabled = running;
+    ui.speakers.disabled = running;
     if (running) ui.reconnect.hidden = true;
   }
 
@@ -128,6 +296,8 @@
       this.lastError = null;
       this.ended = false;
       this.cleanups = [];
+      // Asked for once, at open: the toggle is locked while the session runs.
+      this.diarize = !ui.speakersField.hidden && ui.speakers.checked;
     }
 
     async start() {
@@ -139,6 +309,7 @@
       setRunning(true);
       clearError();
       setPartial("");
+      resetTranscript();
       try {
         if (this.source.kind === "mic") await this.openMicrophone();
         else await this.decodeFile();
@@ -147,7 +318,16 @@
         return;
       }
       if (this.ended) return;
-      this.connect(token);
+      let streamCredential;
+      try {
+        setStatus("Signing in…");
+        streamCredential = await streamToken(token);
+      } catch (err) {
+        this.fail(err.message, err.code);
+        return;
+      }
+      if (this.ended) return;
+      this.connect(streamCredential);
     }
 
     connect(token) {
@@ -157,9 +337,10 @@
       ws.binaryType = "arraybuffer";
       this.ws = ws;
       ws.addEventListener("open", () => {
-        ws.send(JSON.stringify({
-          type: "open", language_hint: ui.language.value || "en", media_type: "audio/pcm", sample_rate: RATE,
-        }));
+        const open = { type: "open", media_type: "audio/pcm", sample_rate: RATE, diarize: this.diarize };
+        // "auto": no hint, the backend detects the language.
+        if (ui.language.value && ui.language.value !== "auto") open.language_hint = ui.language.value;
+        ws.send(JSON.stringify(open));
       });
       ws.addEventListener("message", (event) => this.onMessage(event));
       ws.addEventListener("close", (event) => this.onClose(event));
@@ -178,7 +359,7 @@
       } else if (frame.type === "delta") {
         if (frame.is_final) {
           setPartial("");
-          addFinal(frame);
+          addFinal(frame, this.diarize);
         } else {
           setPartial(frame.text);
         }
@@ -196,7 +377,14 @@
         this.finish("Stream closed");
         return;
       }
-      const known = CLOSE_MESSAGES[event.code];
+      let known = CLOSE_MESSAGES[event.code];
+      if (event.code === 4403 && this.diarize && this.lastError && /diarize/.test(this.lastError.message || "")) {
+        // The key lost (or never had) the diarize permission since the page asked: say so, and
+        // take the toggle away so that Reconnect captions without speakers.
+        known = "This key may not show who is speaking (it lacks the permission scaiecho:diarize). The speaker option was turned off: press Reconnect to caption without speakers, or ask a tenant admin for the permission.";
+        forgetFeatures();
+        this.lastError = null;
+      }
       let message = known || `The connection closed unexpectedly (code ${event.code}). Press Reconnect to try again.`;
       if (this.lastError && this.lastError.message && event.code !== 4401) {
         message += ` Server said: ${this.lastError.message}`;

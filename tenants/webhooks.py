@@ -1,0 +1,82 @@
+"""Webhook destinations and signing secrets (contract section 8, Standard Webhooks).
+
+A destination is an ``http``/``https`` URL no longer than ``SCAIECHO_WEBHOOK_MAX_URL_LENGTH`` whose
+host is, or resolves only to, public addresses: private, loopback, link-local, unspecified,
+multicast and reserved ones are refused (the service would otherwise call into its own network
+for whoever names it), unless ``SCAIECHO_WEBHOOK_ALLOW_PRIVATE`` is on. The check runs when a URL is
+given and again before each delivery attempt, since DNS may have changed in between. (The HTTP
+client resolves the name once more when it connects; pinning the checked address is left to a
+proxy in front of the workers where that window matters.)
+
+A tenant's signing secret is ``whsec_`` and the base64 of 32 random bytes, as Standard Webhooks
+libraries take it; it is kept encrypted with ``SCAIECHO_WEBHOOK_SECRET_KEYS``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import ipaddress
+import secrets
+import socket
+from urllib.parse import urlsplit
+
+from django.conf import settings
+
+from scaiecho_site.crypto import WEBHOOK_SECRET_KEYS
+
+SECRET_PREFIX = "whsec_"
+SECRET_BYTES = 32
+
+
+def destination_problem(url: str) -> str | None:
+    """Why ``url`` may not receive webhooks, or ``None`` when it may. Resolves the host (DNS)."""
+    if len(url) > settings.SCAIECHO_WEBHOOK_MAX_URL_LENGTH:
+        return f"Must be at most {settings.SCAIECHO_WEBHOOK_MAX_URL_LENGTH} characters."
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return "Not a valid URL."
+    if parts.scheme not in ("http", "https"):
+        return "Must be an http or https URL."
+    host = parts.hostname
+    if not host:
+        return "The URL has no host."
+    if parts.username is not None or parts.password is not None:
+        return "Credentials in the URL are not accepted; authenticate with the signature."
+    if settings.SCAIECHO_WEBHOOK_ALLOW_PRIVATE:
+        return None
+    try:
+        infos = socket.getaddrinfo(host, port or (443 if parts.scheme == "https" else 80), type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return f"The host {host!r} does not resolve."
+    for info in infos:
+        address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if not address.is_global or address.is_multicast:
+            return f"The host {host!r} is a private, loopback or otherwise non-public address; webhooks go to public addresses only."
+    return None
+
+
+def secret_generate() -> str:
+    """A new signing secret, as Standard Webhooks libraries take it."""
+    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(SECRET_BYTES)).decode()
+
+
+def secret_seal(secret: str) -> bytes:
+    return WEBHOOK_SECRET_KEYS.encrypt(secret.encode())
+
+
+def secret_open(token: bytes) -> str:
+    return WEBHOOK_SECRET_KEYS.decrypt(bytes(token)).decode()
+
+
+def signature(*, secret: str, message_id: str, timestamp: int, body: bytes) -> str:
+    """The ``webhook-signature`` header: ``v1,`` and the base64 HMAC-SHA256 of
+    ``{id}.{timestamp}.{body}`` under the secret's key bytes."""
+    key = base64.b64decode(secret.removeprefix(SECRET_PREFIX))
+    signed = f"{message_id}.{timestamp}.".encode() + body
+    return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()

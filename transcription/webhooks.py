@@ -1,0 +1,166 @@
+"""Webhook deliveries of finished jobs (contract section 8).
+
+When a job with a ``webhook_url`` reaches ``completed`` or ``failed``, :func:`delivery_create`
+writes its event in the transaction that finishes the job (an outbox row: the event exists iff the
+job finished), and ``services`` sends ``transcription.deliver_webhook`` once that commits. The
+task calls :func:`delivery_attempt` once per try: it checks the destination again, POSTs the
+stored body signed per Standard Webhooks with the tenant's current secret, and records the attempt.
+A timeout, a connection error or a 5xx is retried after ``SCAIECHO_WEBHOOK_RETRY_BASE_SECONDS *
+2**(n-1)`` seconds until ``SCAIECHO_WEBHOOK_MAX_ATTEMPTS``; a 2xx delivers; anything else (a 4xx,
+a redirect, which is not followed, a refused destination) fails at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import httpx
+from django.conf import settings
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db import transaction
+from django.utils import timezone
+
+from scaiecho_site.metrics import WEBHOOK_DELIVERIES
+from tenants.selectors import webhook_secret_of
+from tenants.webhooks import destination_problem, signature
+from transcription.models import TranscriptionJob, WebhookAttempt, WebhookDelivery
+from transcription.serializers import job_data
+
+logger = logging.getLogger("scaiecho.transcription")
+
+EVENT_TYPES = {
+    TranscriptionJob.Status.COMPLETED: "transcription.completed",
+    TranscriptionJob.Status.FAILED: "transcription.failed",
+}
+USER_AGENT = "ScaiEcho-Webhooks/1"
+
+
+def delivery_create(*, job: TranscriptionJob) -> WebhookDelivery | None:
+    """The webhook event of a job that has just reached a terminal state, or ``None`` when the job
+    has no ``webhook_url``. Call it inside the transaction that finishes the job."""
+    if not job.webhook_url or job.status not in EVENT_TYPES:
+        return None
+    event = {"type": EVENT_TYPES[job.status], "data": job_data(job)}
+    body = json.dumps(event, cls=DjangoJSONEncoder, separators=(",", ":"), ensure_ascii=False)
+    return WebhookDelivery.objects.create(
+        tenant_id=job.tenant_id, job=job, event_type=event["type"], url=job.webhook_url, body=body
+    )
+
+
+@dataclass(frozen=True)
+class AttemptOutcome:
+    """What one attempt came to: ``retry_in`` seconds until the next one, or ``None`` when done."""
+
+    status: str
+    retry_in: float | None = None
+
+
+@dataclass
+class _Answer:
+    status_code: int | None = None
+    error: str = ""
+    excerpt: str = ""
+
+
+def retry_delay(attempt: int) -> float:
+    """Seconds between attempt ``attempt`` (1-based) and the next."""
+    return min(settings.SCAIECHO_WEBHOOK_RETRY_BASE_SECONDS * 2 ** (attempt - 1), settings.SCAIECHO_WEBHOOK_RETRY_MAX_SECONDS)
+
+
+def delivery_attempt(*, delivery_id: Any) -> AttemptOutcome:
+    """Make the next attempt of a pending delivery and record it. What the delivery task runs;
+    a delivery that is no longer pending (a duplicate task) is left alone. No transaction is held
+    while the receiver answers."""
+    with transaction.atomic():
+        delivery = WebhookDelivery.objects.select_for_update().filter(pk=delivery_id).first()
+        if delivery is None or delivery.status != WebhookDelivery.Status.PENDING:
+            return AttemptOutcome(status=delivery.status if delivery else "gone")
+        delivery.attempts += 1
+        delivery.save(update_fields=["attempts"])
+    number = delivery.attempts
+    started_at = timezone.now()
+    started = time.monotonic()
+    retryable = False
+    problem = destination_problem(delivery.url)
+    secret = webhook_secret_of(tenant_id=delivery.tenant_id)
+    if problem is not None:
+        answer = _Answer(error=f"destination refused: {problem}")
+    elif secret is None:
+        answer = _Answer(error="the tenant has no webhook signing secret")
+    else:
+        answer, retryable = _post(delivery=delivery, secret=secret)
+    duration_ms = int((time.monotonic() - started) * 1000)
+
+    delivered = answer.status_code is not None and 200 <= answer.status_code < 300
+    retry_in = retry_delay(number) if retryable and number < settings.SCAIECHO_WEBHOOK_MAX_ATTEMPTS else None
+    now = timezone.now()
+    next_at = now + timedelta(seconds=retry_in) if retry_in is not None else None
+    with transaction.atomic():
+        WebhookAttempt.objects.create(
+            delivery=delivery,
+            number=number,
+            started_at=started_at,
+            duration_ms=duration_ms,
+            status_code=answer.status_code,
+            error=answer.error[:500],
+            response_excerpt=answer.excerpt,
+            next_retry_at=next_at,
+        )
+        if delivered:
+            delivery.status = WebhookDelivery.Status.DELIVERED
+        elif retry_in is None:
+            delivery.status = WebhookDelivery.Status.FAILED
+        delivery.next_attempt_at = next_at
+        delivery.finished_at = None if retry_in is not None else now
+        delivery.save(update_fields=["status", "next_attempt_at", "finished_at"])
+    WEBHOOK_DELIVERIES.labels(outcome="delivered" if delivered else "retrying" if retry_in is not None else "failed").inc()
+    if not delivered:
+        logger.warning(
+            "webhook %s (job %s) attempt %d: %s%s",
+            delivery.message_id, delivery.job_id, number, answer.status_code or answer.error,
+            f"; retry in {retry_in:g} s" if retry_in is not None else "; given up",
+        )
+    return AttemptOutcome(status=delivery.status, retry_in=retry_in)
+
+
+def _post(*, delivery: WebhookDelivery, secret: str) -> tuple[_Answer, bool]:
+    """POST the delivery's body; the answer and whether a failure is worth another try. Redirects
+    are not followed and at most ``SCAIECHO_WEBHOOK_MAX_RESPONSE_BYTES`` of the answer are read,
+    all within ``SCAIECHO_WEBHOOK_TIMEOUT_SECONDS``."""
+    body = delivery.body.encode()
+    timestamp = int(time.time())
+    headers = {
+        "content-type": "application/json",
+        "user-agent": USER_AGENT,
+        "webhook-id": delivery.message_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": signature(secret=secret, message_id=delivery.message_id, timestamp=timestamp, body=body),
+    }
+    limit = settings.SCAIECHO_WEBHOOK_MAX_RESPONSE_BYTES
+    timeout_s = settings.SCAIECHO_WEBHOOK_TIMEOUT_SECONDS
+    deadline = time.monotonic() + timeout_s
+    try:
+        with (
+            httpx.Client(timeout=timeout_s, follow_redirects=False) as client,
+            client.stream("POST", delivery.url, content=body, headers=headers) as response,
+        ):
+            received = bytearray()
+            for chunk in response.iter_bytes():
+                received += chunk
+                if len(received) >= limit or time.monotonic() > deadline:
+                    break  # enough to show; the rest of the answer does not matter
+            answer = _Answer(status_code=response.status_code, excerpt=received[:limit].decode("utf-8", "replace"))
+    except httpx.TimeoutException as exc:
+        return _Answer(error=f"timed out after {timeout_s:g} s ({type(exc).__name__})"), True
+    except httpx.TransportError as exc:
+        return _Answer(error=f"connection failed: {type(exc).__name__}: {exc}"), True
+    except httpx.HTTPError as exc:  # an unusable URL (it passed the destination check)
+        return _Answer(error=f"request failed: {type(exc).__name__}: {exc}"), False
+    if 300 <= answer.status_code < 400:
+        answer.error = "redirects are not followed"
+    return answer, answer.status_code >= 500
