@@ -159,14 +159,15 @@ def speech_engine_check(app_configs: Any = None, **kwargs: Any) -> list[checks.C
                 id="scaiecho.E006",
             )
         )
-    if settings.SCAIECHO_WHISPER_BEAM_SIZE < 1:
-        errors.append(
-            checks.Error(
-                f"SCAIECHO_WHISPER_BEAM_SIZE is {settings.SCAIECHO_WHISPER_BEAM_SIZE}.",
-                hint="Use 1 (greedy) or a beam width above 1, e.g. 5.",
-                id="scaiecho.E006",
+    for name in ("SCAIECHO_WHISPER_BEAM_SIZE", "SCAIECHO_STREAM_BEAM_SIZE"):
+        if getattr(settings, name) < 1:
+            errors.append(
+                checks.Error(
+                    f"{name} is {getattr(settings, name)}.",
+                    hint="Use 1 (greedy) or a beam width above 1, e.g. 5.",
+                    id="scaiecho.E006",
+                )
             )
-        )
     return errors
 
 

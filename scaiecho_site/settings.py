@@ -357,9 +357,12 @@ SCAIECHO_WHISPER_ENGINE = env_str("SCAIECHO_WHISPER_ENGINE", "ctranslate2")
 SCAIECHO_WHISPER_COMPUTE_TYPE = env_str("SCAIECHO_WHISPER_COMPUTE_TYPE")
 # VAD windows decoded in one batched pass by the batch task (1: one window at a time).
 SCAIECHO_WHISPER_BATCH_SIZE = env_int("SCAIECHO_WHISPER_BATCH_SIZE", 4)
-# Beam search width of batch jobs and consent verification (1: greedy). Streams always decode
-# greedily, for latency. Measured on the real conversations (bench/accuracy, issue 10).
+# Beam search width of batch jobs and consent verification (1: greedy). Measured on the real
+# conversations (bench/accuracy, issue 10).
 SCAIECHO_WHISPER_BEAM_SIZE = env_int("SCAIECHO_WHISPER_BEAM_SIZE", 5)
+# The same for live streams' decodes (their short windows cost mostly the encoder, so a beam adds
+# little time; see the README).
+SCAIECHO_STREAM_BEAM_SIZE = env_int("SCAIECHO_STREAM_BEAM_SIZE", 5)
 # On CUDA, concurrent callers in one worker (jobs' windows, stream sessions' spans) are gathered
 # into one batched pass: at most this many windows, waiting at most this long for company.
 SCAIECHO_GPU_MAX_BATCH = env_int("SCAIECHO_GPU_MAX_BATCH", 16)

@@ -147,6 +147,9 @@ class StreamSession:
     handed over (``None``: assume real time). When ``now`` runs ahead of the audio by more than
     ``max_lag`` — the worker is behind — partial decodes are skipped and only finals are made,
     so a loaded worker sheds work instead of falling further behind.
+
+    ``beam_size`` is every decode's beam width (``None`` or 1: greedy). The default, 5, costs about
+    what greedy decoding does on a stream's short windows, whose cost is mostly the encoder.
     """
 
     def __init__(
@@ -168,6 +171,7 @@ class StreamSession:
         decoder: Engine | None = None,
         clock: Callable[[], float] = time.perf_counter,
         prompt: str | None = None,
+        beam_size: int | None = 5,
     ) -> None:
         if not 0.5 <= chunk_seconds <= 30:
             raise ValueError("chunk_seconds must be between 0.5 and 30")
@@ -185,6 +189,7 @@ class StreamSession:
         self.max_lag = max_lag
         self.no_speech_threshold = no_speech_threshold
         self.logprob_threshold = logprob_threshold
+        self.beam_size = beam_size
         self.stats = DecodeStats()
         self._clock = clock
         self._vad = Vad()
@@ -314,7 +319,11 @@ class StreamSession:
         result = self.decoder.transcribe(
             audio,
             options=TranscribeOptions(
-                language=self.language, temperature=0.0, word_timestamps=word_timestamps, prompt=prompt
+                language=self.language,
+                temperature=0.0,
+                word_timestamps=word_timestamps,
+                prompt=prompt,
+                beam_size=self.beam_size,
             ),
         )
         spent = self._clock() - started

@@ -335,6 +335,7 @@ class StreamWorker:
             language=message.get("language") or None,
             decoder=lane.decoder,
             prompt=message.get("prompt") or None,
+            beam_size=settings.SCAIECHO_STREAM_BEAM_SIZE,
         )
         session = _Session(reply_to=message["reply_to"], transcriber=transcriber, lane=lane)
         if message.get("diarize"):

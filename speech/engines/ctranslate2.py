@@ -571,8 +571,8 @@ class ShortWindowCTranslate2(ShortWindowEngine):
 
     CTranslate2's Whisper encoder accepts fewer than 3000 mel frames (its positional encodings are
     sliced to the input), so this is whisper.cpp's ``audio_ctx`` trick without patching the model.
-    Greedy, one segment per span without timestamp tokens, at ``options.temperature`` (default 0)
-    with no fallback; a token cap proportional to the span stops loops early. Both confidence
+    One segment per span without timestamp tokens, greedy or a beam of ``options.beam_size``, at
+    ``options.temperature`` (default 0) with no fallback; a token cap proportional to the span stops loops early. Both confidence
     figures (``avg_logprob``, ``no_speech_prob``) are reported for the stream session to judge.
     """
 
@@ -582,7 +582,8 @@ class ShortWindowCTranslate2(ShortWindowEngine):
     def transcribe_batch(
         self, windows: Sequence[np.ndarray], *, options: TranscribeOptions
     ) -> list[TranscriptionResult]:
-        """Greedy decode of several short spans in one pass; the encoder window fits the longest."""
+        """Decode several short spans in one pass (a beam of ``options.beam_size``, greedy by
+        default); the encoder window fits the longest."""
         language = self.engine._language_code(options.language)
         prepared = [np.asarray(window, dtype=np.float32).reshape(-1)[: _WINDOW_S * SAMPLE_RATE] for window in windows]
         results: list[TranscriptionResult | None] = [None] * len(prepared)
@@ -608,6 +609,7 @@ class ShortWindowCTranslate2(ShortWindowEngine):
                         temperature=float(options.temperature or 0.0),
                         word_timestamps=options.word_timestamps,
                         prompt=options.prompt,
+                        beam_size=options.beam_size,
                     ),
                     timestamps=False,
                     n_frames=int(window_s * _FRAMES_PER_S),

@@ -46,14 +46,15 @@ class ShortWindowEngine(Engine):
         self.transcribe(tone, options=TranscribeOptions(language="en", word_timestamps=True))
 
     def transcribe(self, samples: np.ndarray, *, options: TranscribeOptions) -> TranscriptionResult:
-        """Greedy decode of one short span (at ``options.temperature``, default 0), one segment."""
+        """Decode one short span (at ``options.temperature``, default 0; greedy unless
+        ``options.beam_size``), one segment."""
         return self.transcribe_batch([samples], options=options)[0]
 
     @abstractmethod
     def transcribe_batch(
         self, windows: Sequence[np.ndarray], *, options: TranscribeOptions
     ) -> list[TranscriptionResult]:
-        """Greedy decode of several short spans in one pass; the encoder window fits the longest."""
+        """Decode several short spans in one pass; the encoder window fits the longest."""
 
     def window_s(self, longest_s: float) -> float:
         """The encoder window for spans of up to ``longest_s``: that plus the margin, rounded up to

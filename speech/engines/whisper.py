@@ -342,7 +342,10 @@ class ShortWindowWhisper(ShortWindowEngine):
     def transcribe_batch(
         self, windows: Sequence[np.ndarray], *, options: TranscribeOptions
     ) -> list[TranscriptionResult]:
-        """Greedy decode of several short spans in one pass; the encoder window fits the longest."""
+        """Decode several short spans in one pass; the encoder window fits the longest. With a beam
+        (``options.beam_size`` above 1) each span is decoded alone, as in :meth:`WhisperEngine.transcribe_batch`."""
+        if (options.beam_size or 1) > 1 and len(windows) > 1:
+            return [self.transcribe_batch([window], options=options)[0] for window in windows]
         language = self.engine._language_code(options.language)
         prepared = [np.asarray(window, dtype=np.float32).reshape(-1) for window in windows]
         longest = max((samples.size for samples in prepared), default=0) / SAMPLE_RATE
@@ -398,6 +401,8 @@ def _decode_windows(
             # Speech is ~3 words (~4 tokens) a second; a cap well above that stops loops early.
             sample_len=min(224, int(12 + 8 * longest)),
             prompt=options.prompt or None,
+            # Beam search at temperature 0 only; the fallback samples (as whisper.transcribe does).
+            beam_size=options.beam_size if (options.beam_size or 1) > 1 and temperature == 0 else None,
             fp16=fp16,
         )
         outputs = whisper.decode(short, mel[pending], decoding)

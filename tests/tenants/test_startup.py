@@ -81,17 +81,18 @@ def test_an_unknown_speech_engine_is_refused_at_start(tmp_path):
     assert "scaiecho.E006" in result.stderr
 
 
+@pytest.mark.parametrize("name", ["SCAIECHO_WHISPER_BEAM_SIZE", "SCAIECHO_STREAM_BEAM_SIZE"])
 @pytest.mark.parametrize(("value", "said"), [("0", "scaiecho.E006"), ("-5", "scaiecho.E006"), ("five", "not a whole number"), ("2.5", "not a whole number")])
-def test_a_beam_width_that_is_not_a_positive_whole_number_is_refused_at_start(tmp_path, value, said):
-    """In any mode: batch jobs would otherwise fail (or decode nothing) at the first file."""
-    result = run_check(clean_env(tmp_path, SCAIECHO_WHISPER_BEAM_SIZE=value))
+def test_a_beam_width_that_is_not_a_positive_whole_number_is_refused_at_start(tmp_path, name, value, said):
+    """In any mode: jobs or streams would otherwise fail (or decode nothing) at the first audio."""
+    result = run_check(clean_env(tmp_path, **{name: value}))
     assert result.returncode != 0
-    assert "SCAIECHO_WHISPER_BEAM_SIZE" in result.stderr
+    assert name in result.stderr
     assert said in result.stderr
 
 
 def test_greedy_decoding_is_a_valid_beam_width(tmp_path):
-    result = run_check(clean_env(tmp_path, SCAIECHO_WHISPER_BEAM_SIZE="1"))
+    result = run_check(clean_env(tmp_path, SCAIECHO_WHISPER_BEAM_SIZE="1", SCAIECHO_STREAM_BEAM_SIZE="1"))
     assert result.returncode == 0, result.stderr
 
 
