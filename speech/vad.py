@@ -11,7 +11,6 @@ from functools import cache
 from typing import Any
 
 import numpy as np
-import torch
 
 VAD_FRAME = 512  # silero-vad's frame at 16 kHz: 32 ms
 _VAD_CONTEXT = 64  # samples of the previous frame silero prepends to each frame
@@ -43,10 +42,14 @@ class Vad:
         self.reset()
 
     def reset(self) -> None:
+        import torch  # here, not at the top: start-up checks import this module and need no torch
+
         self._state = torch.zeros(2, 1, 128)
         self._context = torch.zeros(1, _VAD_CONTEXT)
 
     def probability(self, frame: np.ndarray) -> float:
+        import torch
+
         x = torch.from_numpy(np.ascontiguousarray(frame, dtype=np.float32)).reshape(1, VAD_FRAME)
         x = torch.cat([self._context, x], dim=1)
         with _vad_lock, torch.inference_mode():
