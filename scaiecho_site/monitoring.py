@@ -23,7 +23,8 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from django.conf import settings
@@ -73,8 +74,8 @@ class StateCollector(Collector):
 
         workers = workers_alive()
         alive = GaugeMetricFamily("scaiecho_workers_alive", "Workers whose heartbeat has not expired.", labels=["kind"])
-        for kind in SpeechWorker.Kind.values:
-            alive.add_metric([kind], sum(1 for worker in workers if worker.kind == kind))
+        for kind, count in _counts((worker.kind for worker in workers), SpeechWorker.Kind.values):
+            alive.add_metric([kind], count)
         yield alive
         heartbeat = GaugeMetricFamily(
             "scaiecho_worker_last_heartbeat_timestamp_seconds",
@@ -89,8 +90,8 @@ class StateCollector(Collector):
             "scaiecho_stream_sessions_live", "Live stream sessions on every web process, by backend.", labels=["backend"]
         )
         sessions = stream_live_sessions()
-        for backend in Backend.values:
-            live.add_metric([backend], sum(1 for session in sessions if session.backend == backend))
+        for backend, count in _counts((session.backend for session in sessions), Backend.values):
+            live.add_metric([backend], count)
         yield live
 
         transcriptions = CounterMetricFamily(
@@ -106,6 +107,12 @@ class StateCollector(Collector):
             audio.add_metric([usage.kind, usage.backend], usage.audio_ms / 1000)
         yield transcriptions
         yield audio
+
+
+def _counts(labels: Iterable[str], every: Iterable[str]) -> list[tuple[str, int]]:
+    """How often each of ``every`` occurs in ``labels``, zero included (a series is never missing)."""
+    counted = Counter(labels)
+    return [(label, counted[label]) for label in every]
 
 
 class _ThisProcess(Collector):

@@ -4,14 +4,17 @@ the Redis channel layer, transcribing espeak-ng speech sent at real-time pace.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from asgiref.sync import sync_to_async
 from django.utils import timezone
 
 from speech.audio import decode_audio, wav_bytes
@@ -87,6 +90,42 @@ async def stream_real_time(client: Client, wav: bytes, *, chunk_ms: int = 100) -
     await asyncio.sleep(0.5)
     collector.cancel()
     return received
+
+
+@contextlib.asynccontextmanager
+async def embedded_worker(engine: Any, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Any]:
+    """A stream worker on ``engine`` running in this process, as the embedded worker of the
+    in-memory channel layer does (the test sets that layer); yielded once it has announced itself."""
+    from streaming import worker as worker_module
+    from streaming.worker import StreamWorker
+
+    worker = StreamWorker(engine=engine)
+    await worker.start()
+    monkeypatch.setattr(worker_module, "_embedded", worker)
+    serving = asyncio.create_task(worker.run())
+    try:
+        await sync_to_async(wait_until_announced)()
+        yield worker
+    finally:
+        worker.stopping.set()
+        await serving
+
+
+def spoken_then_silent(text: str) -> bytes:
+    """espeak-ng speech of ``text`` and a second of silence, so that its last words become final."""
+    return wav_bytes(np.concatenate([decode_audio(synth_speech(text)).samples, np.zeros(16000, np.float32)]))
+
+
+async def stream_and_close(key: Any, wav: bytes) -> list[dict]:
+    """Open a stream with ``key``, send ``wav`` at real-time pace, close it; every frame received."""
+    async with Client(f"{PATH}?token={key.secret}") as client:
+        await client.send({"type": "open", "media_type": "audio/wav", "language_hint": "en"})
+        await client.next_frame()
+        received = await stream_real_time(client, wav)
+        await client.send({"type": "close"})
+        rest, code = await client.frames_until_close(wait=60)
+        assert code == 1000, rest[-2:]
+        return [frame for _, frame in received] + rest
 
 
 def test_partials_then_finals_with_the_spoken_text(stream_worker, conversation_wav):

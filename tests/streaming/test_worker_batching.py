@@ -11,18 +11,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 
-import numpy as np
 import pytest
-from asgiref.sync import sync_to_async
 
-from speech.audio import decode_audio, wav_bytes
 from speech.batching import BatchingEngine
-from streaming import worker as worker_module
-from streaming.worker import StreamWorker
 from tenants.models import Role
-from tests.streaming.test_consumer import PATH, Client, issue, run
-from tests.streaming.test_stream_worker import stream_real_time, wait_until_announced
-from tests.voices import synth_speech, word_error_rate
+from tests.streaming.test_consumer import issue, run
+from tests.streaming.test_stream_worker import embedded_worker, spoken_then_silent, stream_and_close
+from tests.voices import word_error_rate
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -48,31 +43,11 @@ def test_concurrent_sessions_share_batches_and_keep_their_words(batching_engine,
     # The worker runs in this process, as the embedded worker of the in-memory channel layer does.
     settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
     keys = [issue(Role.TENANT_VIEWER, policy=("A", "A")) for _ in SENTENCES]
-    # Each sentence with a second of silence after it, so that its last words become final.
-    wavs = [wav_bytes(np.concatenate([decode_audio(synth_speech(text)).samples, np.zeros(16000, np.float32)])) for text in SENTENCES]
+    wavs = [spoken_then_silent(text) for text in SENTENCES]
 
     async def scenario():
-        worker = StreamWorker(engine=batching_engine)
-        await worker.start()
-        monkeypatch.setattr(worker_module, "_embedded", worker)
-        serving = asyncio.create_task(worker.run())
-        try:
-            await sync_to_async(wait_until_announced)()
-
-            async def one(key, wav: bytes) -> list[dict]:
-                async with Client(f"{PATH}?token={key.secret}") as client:
-                    await client.send({"type": "open", "media_type": "audio/wav", "language_hint": "en"})
-                    await client.next_frame()
-                    received = await stream_real_time(client, wav)
-                    await client.send({"type": "close"})
-                    rest, code = await client.frames_until_close(wait=60)
-                    assert code == 1000, rest[-2:]
-                    return [frame for _, frame in received] + rest
-
-            return worker, await asyncio.gather(*(one(key, wav) for key, wav in zip(keys, wavs, strict=True)))
-        finally:
-            worker.stopping.set()
-            await serving
+        async with embedded_worker(batching_engine, monkeypatch) as worker:
+            return worker, await asyncio.gather(*(stream_and_close(key, wav) for key, wav in zip(keys, wavs, strict=True)))
 
     worker, outcomes = run(scenario())
     # The worker runs one lane per batch slot, all on the one model and one stream decoder.

@@ -44,14 +44,19 @@ def decoded_with(monkeypatch: pytest.MonkeyPatch, settings: Any) -> list[Transcr
     settings.SCAIECHO_WHISPER_COMPUTE_TYPE = ""
     settings.SCAIECHO_WHISPER_CPU_THREADS = 1
     monkeypatch.setattr(engines, "_engine", None)
-    seen: list[TranscribeOptions] = []
-    real = CTranslate2Engine.transcribe_batch
+    return options_seen_by(CTranslate2Engine, monkeypatch)
 
-    def watched(self: CTranslate2Engine, windows: Any, *, options: TranscribeOptions) -> Any:
+
+def options_seen_by(engine_class: type, monkeypatch: pytest.MonkeyPatch) -> list[TranscribeOptions]:
+    """The options of every ``transcribe_batch`` call on ``engine_class``, which still decodes."""
+    seen: list[TranscribeOptions] = []
+    real = engine_class.transcribe_batch
+
+    def watched(self: Any, windows: Any, *, options: TranscribeOptions) -> Any:
         seen.append(options)
         return real(self, windows, options=options)
 
-    monkeypatch.setattr(CTranslate2Engine, "transcribe_batch", watched)
+    monkeypatch.setattr(engine_class, "transcribe_batch", watched)
     return seen
 
 
