@@ -484,6 +484,7 @@ def job_run(
         job_fail(job=job, error=exc)
         return
     except Exception as exc:  # a bug must end the job visibly, not leave it running
+        _reraise_shutdown(exc)
         logger.exception("job %s failed unexpectedly", job.id)
         job_fail(job=job, error=exc)
         return
@@ -494,6 +495,20 @@ def job_run(
         audio_duration_ms=round(audio.duration_s * 1000),
         latency_ms=int((time.monotonic() - started) * 1000),
     )
+
+
+def _reraise_shutdown(exc: BaseException) -> None:
+    """A worker told to stop (SIGTERM: Celery raises ``SystemExit`` in the task) while a library
+    was importing sees that exit wrapped in the library's own error ("Applying the VAD filter
+    requires the onnxruntime package"). The exit is raised again, so the job is handed back to
+    the broker as at any other stop, not failed as a bug."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, SystemExit | KeyboardInterrupt):
+            raise cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
 
 
 def _job_hold_decoded(*, job: TranscriptionJob, backend: str, audio_ms: int) -> None:
@@ -744,6 +759,7 @@ def piece_run(*, piece_id: int, worker_id: str, retries_left: bool, may_yield: b
         job_fail_running(job_id=job.id, error=exc)
         return
     except Exception as exc:
+        _reraise_shutdown(exc)
         logger.exception("piece %s of job %s failed unexpectedly", piece.index, job.id)
         job_fail_running(job_id=job.id, error=exc)
         return
