@@ -2,7 +2,7 @@
 
 The packaged ``base`` and ``tiny.en`` weights already are CTranslate2 files, so this engine runs
 them as they are (joined and sha256-verified once by :mod:`speech.engines.weights`). On this
-project's 2-core machines it is 2.3-2.9 times as fast as ``whisper.transcribe`` (greedy, one
+project's 2-core machines it is about 2.3 times as fast as ``whisper.transcribe`` (greedy, one
 thread, ``bench/batch``) at less memory, hence the default engine.
 
 Decoding follows openai-whisper's rules (timestamp tokens make segments, the temperature fallback
@@ -82,28 +82,6 @@ def _is_silent(samples: np.ndarray) -> bool:
     return samples.size == 0 or float(np.max(np.abs(samples))) < _SILENCE_PEAK
 
 
-# CTranslate2's test for AVX512 (cpu_features: the F, CD, VL, BW and DQ extensions).
-_AVX512_FLAGS = frozenset({"avx512f", "avx512cd", "avx512vl", "avx512bw", "avx512dq"})
-
-
-def _prefer_avx512(cpuinfo: Path = Path("/proc/cpuinfo")) -> None:
-    """Let CTranslate2 use its AVX512 kernels on any CPU that has them.
-
-    On its own it picks AVX512 on Intel CPUs only, and AVX2 on AMD's (Zen 4 and later) although
-    they run AVX512 well: on this project's AMD EPYC machines AVX512 took ~15 % less time for the
-    same text (base int8, one thread; ``bench/batch``). It is read once per process, when the first
-    model loads, so this runs before that; an operator's own ``CT2_FORCE_CPU_ISA`` is kept.
-    """
-    if "CT2_FORCE_CPU_ISA" in os.environ:
-        return
-    try:
-        flags = {flag for line in cpuinfo.read_text().splitlines() if line.startswith("flags") for flag in line.split()}
-    except OSError:  # not Linux: CTranslate2 chooses
-        return
-    if _AVX512_FLAGS <= flags:
-        os.environ["CT2_FORCE_CPU_ISA"] = "AVX512"
-
-
 @dataclass
 class _Decoded:
     """One window's decode: Whisper's segments (times relative to the window), and its scores."""
@@ -163,9 +141,6 @@ class CTranslate2Engine(Engine):
     def _load_locked(self) -> Any:
         if self._model is None:
             from faster_whisper import WhisperModel
-
-            if self.device.startswith("cpu"):
-                _prefer_avx512()
 
             kind, index = (self.device.split(":", 1) + ["0"])[:2]
             path = self._local_model_path()
