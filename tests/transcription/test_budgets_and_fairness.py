@@ -143,6 +143,7 @@ def test_a_job_of_unknown_length_holds_what_is_left_until_it_is_decoded_and_bill
     assert_error(post(APIClient(), key, pcm_wav(rate=16_000, samples=2 * 16_000), force_async="true"), 429, "BUDGET_EXCEEDED")
 
 
+@pytest.mark.usefixtures("jobs_nobody_takes")  # a worker would measure the first upload and free its hold
 def test_with_nothing_left_an_upload_of_unknown_length_is_refused() -> None:
     key = key_on_backend_a()
     total_budget(key, seconds=30)
