@@ -18,6 +18,8 @@ from asgiref.sync import sync_to_async
 from django.utils import timezone
 
 from speech.audio import decode_audio, wav_bytes
+from streaming import worker as worker_module
+from streaming.worker import StreamWorker
 from tenants.models import Role, UsageRecord
 from tests.processes import ManagedProcess
 from tests.streaming.test_consumer import PATH, Client, assert_error_close, issue, run
@@ -96,9 +98,6 @@ async def stream_real_time(client: Client, wav: bytes, *, chunk_ms: int = 100) -
 async def embedded_worker(engine: Any, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Any]:
     """A stream worker on ``engine`` running in this process, as the embedded worker of the
     in-memory channel layer does (the test sets that layer); yielded once it has announced itself."""
-    from streaming import worker as worker_module
-    from streaming.worker import StreamWorker
-
     worker = StreamWorker(engine=engine)
     await worker.start()
     monkeypatch.setattr(worker_module, "_embedded", worker)
