@@ -76,7 +76,7 @@ class TranscribeOptions:
     beam_size: int | None = None
     # The upload as sent, when there is one: the relay forwards it rather than re-encoding samples.
     original: EncodedAudio | None = None
-    # Decode a whole recording as Silero VAD's speech windows of up to 25 s, each on its own, with
+    # Decode a whole recording as Silero VAD's speech windows of up to 28 s, each on its own, with
     # the repetition guard of :mod:`speech.engines.windows`; ``False``: the engine reads the whole
     # file as ``whisper.transcribe`` does (for comparison). A stream's short spans are not affected.
     vad_segmentation: bool = True

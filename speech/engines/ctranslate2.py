@@ -6,7 +6,7 @@ project's 2-core machines it is about 2.3 times as fast as ``whisper.transcribe`
 thread, ``bench/batch``) at less memory, hence the default engine.
 
 Decoding follows openai-whisper's rules (timestamp tokens make segments, the temperature fallback
-schedule, "no speech" windows skipped) on windows of at most 30 s. :meth:`CTranslate2Engine.transcribe`
+schedule, "no speech" windows skipped) on windows of at most 28 s of speech. :meth:`CTranslate2Engine.transcribe`
 cuts the audio at pauses with the Silero VAD that ships inside the faster-whisper wheel (ONNX, no
 download; :mod:`speech.engines.windows`) and decodes ``batch_size`` of those windows per batched
 encoder/decoder pass, as faster-whisper's ``BatchedInferencePipeline`` does, but with the fallback
@@ -293,7 +293,7 @@ class CTranslate2Engine(Engine):
         return segments, info.language
 
     def plan_windows(self, samples: np.ndarray, *, options: TranscribeOptions) -> WindowPlan | None:
-        """Cut at pauses (Silero VAD) into windows of speech of up to 25 s (:mod:`speech.engines.windows`);
+        """Cut at pauses (Silero VAD) into windows of speech of up to 28 s (:mod:`speech.engines.windows`);
         the join guards against repetition and maps the windows' times back to the recording.
         ``None`` when ``options.vad_segmentation`` is off: the whole file is decoded then.
 
@@ -493,7 +493,15 @@ class CTranslate2Engine(Engine):
             results.append(decoded)
             aligned.append(decoded.pieces)
         if options.word_timestamps and any(aligned):
+            spans = [[(piece["start"], piece["end"]) for piece in pieces] for pieces in aligned]
             self._add_words(model, tokenizer_for(languages[0]), encoded, windows, aligned)
+            if timestamps:
+                # The alignment moves a segment's ends onto its words; keep the timestamp tokens'
+                # ends, where a window is read on from: the words say where the text ends, the
+                # segments where the decode stopped, and the text must not depend on alignment.
+                for pieces, kept in zip(aligned, spans, strict=True):
+                    for piece, (start, end) in zip(pieces, kept, strict=True):
+                        piece["start"], piece["end"] = start, end
         return results
 
     def _add_words(

@@ -118,6 +118,17 @@ def test_a_conversation_decodes_without_repeated_text(engine: Engine, call) -> N
 
 
 @pytest.mark.slow
+def test_asking_for_word_timings_does_not_change_the_words(engine: Engine, call) -> None:
+    # The alignment moves a segment's end onto its last word; a window must still be read on from
+    # where its decode stopped, or the same upload reads differently with and without words.
+    plain = engine.transcribe(call.samples, options=TranscribeOptions(language="en"))
+    timed = engine.transcribe(call.samples, options=WORDS)
+
+    assert timed.text == plain.text
+    assert all(segment.words for segment in timed.segments)
+
+
+@pytest.mark.slow
 def test_vad_segmentation_off_reads_the_whole_file(engine: Engine, call) -> None:
     off = TranscribeOptions(language="en", temperature=0.0, vad_segmentation=False)  # greedy: repeatable
 
