@@ -2,7 +2,7 @@
 
 The packaged ``base`` and ``tiny.en`` weights already are CTranslate2 files, so this engine runs
 them as they are (joined and sha256-verified once by :mod:`speech.engines.weights`). On this
-project's 2-core machines it is about 2.3 times as fast as ``whisper.transcribe`` (greedy, one
+project's 2-core machines it is about 2.7 times as fast as ``whisper.transcribe`` (greedy, one
 thread, ``bench/batch``) at less memory, hence the default engine.
 
 Decoding follows openai-whisper's rules (timestamp tokens make segments, the temperature fallback
