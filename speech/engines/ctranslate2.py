@@ -40,7 +40,7 @@ from speech.engines.base import (
 )
 from speech.engines.short import ShortWindowEngine
 from speech.engines.weights import PACKAGED, WeightsUnavailable, packaged_ctranslate2_dir
-from speech.engines.windows import result_from_segments, window_plan
+from speech.engines.windows import ENCODE_MARGIN_S, result_from_segments, window_plan
 from speech.errors import ValidationError
 
 logger = logging.getLogger(__name__)
@@ -58,14 +58,13 @@ _FRAMES_PER_S = SAMPLE_RATE // _HOP
 _WINDOW_FRAMES = _WINDOW_S * _FRAMES_PER_S
 _TIME_PRECISION = 0.02  # seconds per timestamp token
 _MAX_LENGTH = 448  # Whisper's text context
-# A window much shorter than 30 s is encoded at its own length (plus this margin, in steps of
+# A window much shorter than 30 s is encoded at its own length (plus ENCODE_MARGIN_S, in steps of
 # _ENCODE_STEP_S, at least _MIN_ENCODE_S) rather than padded to 30 s: CTranslate2's encoder takes
 # fewer frames, and the encoder is most of the cost (1.1 s for 30 s against 0.2 s for 10 s, base
 # int8, one thread). Whisper reads short contexts less surely, so the floor is well above a
 # stream's: measured on the 14 test conversations and 8 min of real prompts, a 15 s floor kept WER
 # at 4.26 % (30 s everywhere: 4.26 %) and took 20 % less time; a 10 s floor misread the short
 # tail of one phone-band window (4.39 %).
-_ENCODE_MARGIN_S = 2.0
 _ENCODE_STEP_S = 5
 _MIN_ENCODE_S = 15
 
@@ -529,7 +528,7 @@ class CTranslate2Engine(Engine):
 def _encode_frames(seconds: float) -> int:
     """The mel frames to encode a window of ``seconds`` with: its length plus a margin, rounded up
     to a step, between ``_MIN_ENCODE_S`` and Whisper's 30 s."""
-    steps = ceil((seconds + _ENCODE_MARGIN_S) / _ENCODE_STEP_S)
+    steps = ceil((seconds + ENCODE_MARGIN_S) / _ENCODE_STEP_S)
     return int(min(_WINDOW_S, max(_MIN_ENCODE_S, steps * _ENCODE_STEP_S)) * _FRAMES_PER_S)
 
 

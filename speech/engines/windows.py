@@ -40,7 +40,9 @@ COMPRESSION_RATIO_THRESHOLD = 2.4
 # recording (fewer windows read on) at WER 4.26 % against 4.21 % greedy and 4.02 % against 4.21 %
 # at beam 5. Not reading on at all lost whole last sentences (earlier measure, four phone-band
 # conversations and 121 s of prompts: WER 0.113 against 0.056 with 30 s windows read on).
-MAX_WINDOW_S = 28.0
+WHISPER_WINDOW_S = 30.0
+ENCODE_MARGIN_S = 2.0  # silence encoded after a window's speech (the CTranslate2 engine's margin too)
+MAX_WINDOW_S = WHISPER_WINDOW_S - ENCODE_MARGIN_S
 # A window whose decode stopped this long before its end is read on from there (see
 # ``continue_after_last_timestamp``), at most this many times.
 CONTINUE_MIN_S = 1.0
