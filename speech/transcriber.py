@@ -53,6 +53,10 @@ DROP_SEARCH_SECONDS = 0.6
 GAP_CHECK_SECONDS = 0.5
 GAP_WORD_SLACK_SECONDS = 0.2
 
+# A repeated last word shorter than this, by the word times of a fresh decode, is an echo (see
+# ``StreamSession._without_echo``).
+ECHO_WORD_SECONDS = 0.1
+
 # Whisper's well-known inventions for silence, music and noise (its training data's subtitles).
 HALLUCINATIONS = (
     "thanks for watching",
@@ -94,6 +98,15 @@ class Delta:
 
 def _key(word: str) -> str:
     return re.sub(r"[^\w']", "", word.lower())
+
+
+def _trailing_repeat(words: list[Word]) -> int:
+    """The length of a last run of 1-3 words that repeats the run just before it (0: none)."""
+    keys = [_key(word.word) for word in words]
+    for count in (3, 2, 1):
+        if len(keys) >= 2 * count and keys[-count:] == keys[-2 * count : -count] and all(keys[-count:]):
+            return count
+    return 0
 
 
 def _kept(previous: list[Word], words: list[Word]) -> float:
@@ -620,7 +633,26 @@ class StreamSession:
                 run_start = None
         return runs
 
+    def _without_echo(self, words: list[Word], end_sample: int) -> list[Word]:
+        """``words`` without a last run that merely repeats the one before it ("left left", "Thank
+        you. Thank you.") where the speech holds it once: Whisper, decoding a short span, often
+        says its last words twice. The span up to ``end_sample`` is decoded again with word times;
+        the repeat is dropped when that decode does not repeat them, or squeezes the copy into
+        less than ``ECHO_WORD_SECONDS`` a word (real speech that says it twice takes the time to)."""
+        count = _trailing_repeat(words)
+        if not count:
+            return words
+        audio = self._audio()[: max(0, end_sample - self._span_start)]
+        timed = self._decode(audio, word_timestamps=True).words
+        if _trailing_repeat(timed) != count:
+            return words[:-count]
+        if len({(word.start, word.end) for word in timed}) == 1:
+            return words  # one span for every word (a relay without word times): nothing to judge by
+        copy = timed[-count:]
+        return words[:-count] if copy[-1].end - copy[0].start < ECHO_WORD_SECONDS * count else words
+
     def _final(self, words: list[Word], end_sample: int, confidence: float | None) -> Delta | None:
+        words = self._without_echo(words, end_sample)
         text = " ".join(w.word for w in words).strip()
         if not text:
             return None

@@ -3,6 +3,7 @@ languages, and where its model comes from. Real models, real recorded speech, on
 
 from __future__ import annotations
 
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.corpus import asterisk_prompt
 from speech.audio import SAMPLE_RATE
 from speech.batching import BatchingEngine
 from speech.engines.base import TranscribeOptions, TranscriptionResult
@@ -259,3 +261,48 @@ def test_a_stream_too_far_behind_for_partials_keeps_both_voices_of_its_final(eng
     assert word_error_rate(reference, finals) <= 0.25, finals
     assert "respectable" in finals.lower(), finals
     assert "ten" in finals.lower(), finals
+
+
+def _stream_finals(engine: CTranslate2Engine, audio: np.ndarray) -> list[str]:
+    """The finals of ``audio`` streamed in 0.1 s chunks at real-time pace (simulated clock)."""
+    session = StreamSession(engine)
+    step = SAMPLE_RATE // 10
+    deltas = []
+    for first in range(0, audio.size, step):
+        deltas += session.feed(audio[first : first + step], now=(first + step) / SAMPLE_RATE)
+    deltas += session.close()
+    return [d.text for d in deltas if d.is_final]
+
+
+def _said(texts: list[str]) -> list[str]:
+    return re.sub(r"[^\w' ]+", " ", " ".join(texts).lower()).split()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "until", "said_once"), [("lib-alsa-ast", 4.6, "left"), ("ast-lib", 4.5, "thank")])
+def test_a_stream_final_does_not_say_its_last_words_twice(
+    engine: CTranslate2Engine, name: str, until: float, said_once: str
+) -> None:
+    """Regression (issue 10, stream WER): decoding a short span of a real call, Whisper says its
+    last words twice ("Rear | left left", "Thank you. Thank you.") where the speaker said them once."""
+    call = next(c for c in conversations(band="wideband") if c.name == name)
+    finals = _stream_finals(engine, call.samples[: int(until * SAMPLE_RATE)])
+    assert _said(finals).count(said_once) == 1, finals
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("prompt", "gap", "said_twice"), [("vm-no", 0.15, "no"), ("auth-thankyou", 0.25, "thank")])
+def test_words_a_speaker_says_twice_stay_twice(
+    engine: CTranslate2Engine, prompt: str, gap: float, said_twice: str
+) -> None:
+    """The other side of the echo guard: a real voice saying "No, no." or "Thank you. Thank you."
+    keeps both."""
+    clip = asterisk_prompt(prompt)
+    first, last = clip.speech
+    speech = clip.samples[int(max(0.0, first - 0.05) * SAMPLE_RATE) : int((last + 0.05) * SAMPLE_RATE)]
+    pause = np.zeros(int(gap * SAMPLE_RATE), dtype=np.float32)
+    audio = np.concatenate(
+        [np.zeros(SAMPLE_RATE // 2, dtype=np.float32), speech, pause, speech, np.zeros(SAMPLE_RATE, dtype=np.float32)]
+    )
+    finals = _stream_finals(engine, audio)
+    assert _said(finals).count(said_twice) == 2, finals
