@@ -3,7 +3,6 @@ languages, and where its model comes from. Real models, real recorded speech, on
 
 from __future__ import annotations
 
-import re
 import shutil
 import threading
 from pathlib import Path
@@ -17,6 +16,7 @@ from speech.batching import BatchingEngine
 from speech.engines.base import TranscribeOptions, TranscriptionResult
 from speech.engines.ctranslate2 import CTranslate2Engine
 from speech.engines.weights import PACKAGED, WeightsUnavailable, packaged_ctranslate2_dir
+from speech.engines.windows import normalised_words
 from speech.errors import ValidationError
 from speech.transcriber import StreamSession
 from tests.conversations import conversations
@@ -274,11 +274,6 @@ def _stream_finals(engine: CTranslate2Engine, audio: np.ndarray) -> list[str]:
     return [d.text for d in deltas if d.is_final]
 
 
-def _said(texts: list[str]) -> list[str]:
-    return re.sub(r"[^\w' ]+", " ", " ".join(texts).lower()).split()
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize(("name", "until", "said_once"), [("lib-alsa-ast", 4.6, "left"), ("ast-lib", 4.5, "thank")])
 def test_a_stream_final_does_not_say_its_last_words_twice(
     engine: CTranslate2Engine, name: str, until: float, said_once: str
@@ -287,10 +282,9 @@ def test_a_stream_final_does_not_say_its_last_words_twice(
     last words twice ("Rear | left left", "Thank you. Thank you.") where the speaker said them once."""
     call = next(c for c in conversations(band="wideband") if c.name == name)
     finals = _stream_finals(engine, call.samples[: int(until * SAMPLE_RATE)])
-    assert _said(finals).count(said_once) == 1, finals
+    assert normalised_words(" ".join(finals)).count(said_once) == 1, finals
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(("prompt", "gap", "said_twice"), [("vm-no", 0.15, "no"), ("auth-thankyou", 0.25, "thank")])
 def test_words_a_speaker_says_twice_stay_twice(
     engine: CTranslate2Engine, prompt: str, gap: float, said_twice: str
@@ -305,4 +299,4 @@ def test_words_a_speaker_says_twice_stay_twice(
         [np.zeros(SAMPLE_RATE // 2, dtype=np.float32), speech, pause, speech, np.zeros(SAMPLE_RATE, dtype=np.float32)]
     )
     finals = _stream_finals(engine, audio)
-    assert _said(finals).count(said_twice) == 2, finals
+    assert normalised_words(" ".join(finals)).count(said_twice) == 2, finals
