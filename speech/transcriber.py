@@ -47,11 +47,17 @@ MIN_WORDS_PER_SECOND = 0.6
 DROP_CHECK_WORDS = 2
 # ... and the span is then cut at the VAD's least speech-like frame in the last this long of that partial's audio.
 DROP_SEARCH_SECONDS = 0.6
+# A split of the span must keep at least this share of the new decode's words too: a cut inside a
+# sentence loses the sentence's head from both halves.
+SPLIT_KEEPS = 0.8
 
 # Speech this long that no word of a fresh final decode covers (by word times, give or take
 # GAP_WORD_SLACK_SECONDS) is decoded on its own and its words put in their place (see ``_fill_gaps``).
 GAP_CHECK_SECONDS = 0.5
 GAP_WORD_SLACK_SECONDS = 0.2
+# Uncovered speech either side of a pause shorter than this is one run: a short turn ("front
+# left") is two words with a pause between them, each shorter than GAP_CHECK_SECONDS.
+GAP_BRIDGE_SECONDS = 0.3
 
 # A repeated last word shorter than this, by the word times of a fresh decode, is an echo (see
 # ``StreamSession._without_echo``).
@@ -396,7 +402,9 @@ class StreamSession:
         # boundary, or a span past chunk_seconds.
         previous = self._previous or []
         want_times = span_s >= self.chunk_seconds or any(_CLAUSE_END.search(w.word) for w in previous[:-1])
-        hyp = self._decode_checked(audio, word_timestamps=want_times)
+        # Once a pause has begun this decode is likely the final, whose words are checked against
+        # the speech by their times (``_fill_gaps``).
+        hyp = self._decode_checked(audio, word_timestamps=want_times or self._silence_run > 0)
         deltas: list[Delta] = []
         if len(previous) >= DROP_CHECK_WORDS and 0 < heard_len < audio.size and _kept(previous, hyp.words) < 0.5:
             kept = self._keep_dropped(previous, heard_len, hyp, want_times=want_times)
@@ -425,18 +433,22 @@ class StreamSession:
         The span is cut at the pause the VAD heard last before the previous partial's audio ended, and each side decoded on its own; when the first side still holds the lost words, it
         is a final and the second side the new partial. Failing that, the previous partial itself
         is the final of the audio it was decoded from (its last word may be cut short there), and
-        the rest is decoded on its own. ``None``: neither holds more than the new decode, which
-        then heard the span afresh (a garbled partial corrected) and stands."""
+        the rest is decoded on its own. Either split must also keep ``SPLIT_KEEPS`` of the new
+        decode's words: a cut inside the new decode's sentence loses its head from both sides.
+        ``None``: neither holds more than the new decode, which then heard the span afresh (a
+        garbled partial corrected) and stands."""
         audio = self._audio()
         cut = self._pause_before(heard_len, int(DROP_SEARCH_SECONDS * SAMPLE_RATE))
         if cut is not None:
             head = self._decode_checked(audio[:cut], word_timestamps=False)
             if _kept(previous, head.words) >= 0.5:
                 tail = self._decode_checked(audio[cut:], word_timestamps=want_times)
-                if len(head.words) + len(tail.words) > len(hyp.words):
+                both = head.words + tail.words
+                if len(both) > len(hyp.words) and _kept(hyp.words, both) >= SPLIT_KEEPS:
                     return self._split_span(head, cut), tail
         tail = self._decode_checked(audio[heard_len:], word_timestamps=want_times)
-        if len(previous) + len(tail.words) <= len(hyp.words) or _kept(hyp.words, tail.words) < 0.5:
+        both = previous + tail.words
+        if len(both) <= len(hyp.words) or _kept(hyp.words, both) < SPLIT_KEEPS:
             return None
         return self._split_span(_Hypothesis(list(previous), None), heard_len), tail
 
@@ -540,7 +552,8 @@ class StreamSession:
         return deltas
 
     def _end_utterance(self) -> list[Delta]:
-        """A pause (or a flush): decode the span once more and finalize all of it."""
+        """A pause (or a flush): finalize all of the span, by a fresh decode or by the one made as
+        the pause began, whose words are checked against the speech as a fresh one's are."""
         audio = self._audio()
         # Trailing silence beyond the padding only costs decode time (and invites inventions).
         keep = min(audio.size, max(0, audio.size - self._silence_run + self.pad))
@@ -550,6 +563,8 @@ class StreamSession:
             hyp = self._last_hyp
             if hyp is None or self._last_decode_len < audio.size - self.pad or self._too_short(hyp):
                 hyp = self._decode_final(audio)
+            else:
+                hyp = self._fill_gaps(audio, hyp)
             delta = self._final(hyp.words, self._span_start + audio.size, hyp.confidence)
             if delta:
                 deltas.append(delta)
@@ -612,7 +627,8 @@ class StreamSession:
 
     def _uncovered(self, words: list[Word], size: int) -> list[tuple[int, int]]:
         """Runs (span samples) of VAD speech frames within the first ``size`` samples, at least
-        ``GAP_CHECK_SECONDS`` long, that no word's time covers."""
+        ``GAP_CHECK_SECONDS`` long, that no word's time covers; a pause shorter than
+        ``GAP_BRIDGE_SECONDS`` inside a run does not end it, a covered frame does."""
         covered = np.zeros(size, dtype=bool)
         slack = GAP_WORD_SLACK_SECONDS
         for word in words:
@@ -621,17 +637,24 @@ class StreamSession:
             )
         runs: list[tuple[int, int]] = []
         run_start: int | None = None
-        for index, prob in enumerate([*self._probs, 0.0]):  # the extra frame closes a last run
+        run_end = 0
+        bridge = GAP_BRIDGE_SECONDS * SAMPLE_RATE
+        for index, prob in enumerate(self._probs):
             start = self._probs_at + index * VAD_FRAME
             end = start + VAD_FRAME
-            speech = 0 <= start and end <= size and prob >= self.start_threshold and not covered[start:end].any()
-            if speech and run_start is None:
-                run_start = start
-            elif not speech and run_start is not None:
-                if start - run_start >= GAP_CHECK_SECONDS * SAMPLE_RATE:
-                    runs.append((run_start, start))
+            inside = 0 <= start and end <= size
+            if inside and covered[start:end].any() and run_start is not None:
+                runs.append((run_start, run_end))  # a run never reaches across a word
                 run_start = None
-        return runs
+            elif inside and prob >= self.start_threshold and not covered[start:end].any():
+                if run_start is None or start - run_end > bridge:
+                    if run_start is not None:
+                        runs.append((run_start, run_end))
+                    run_start = start
+                run_end = end
+        if run_start is not None:
+            runs.append((run_start, run_end))
+        return [(first, last) for first, last in runs if last - first >= GAP_CHECK_SECONDS * SAMPLE_RATE]
 
     def _without_echo(self, words: list[Word], end_sample: int) -> list[Word]:
         """``words`` without a last run that merely repeats the one before it ("left left", "Thank

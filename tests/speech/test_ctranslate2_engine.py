@@ -247,8 +247,7 @@ def test_a_stream_too_far_behind_for_partials_keeps_both_voices_of_its_final(eng
     without partials. Whisper decodes this one (a reader's sentence, then another voice's "ten of
     clubs", from a real three-person call) as "Ten of close." alone; the reader's words must still
     reach the final."""
-    call = next(c for c in conversations(band="wideband") if c.name == "lib-cards-dhd")
-    audio = call.samples[int(5.26 * SAMPLE_RATE) : int(10.54 * SAMPLE_RATE)]
+    audio = _excerpt("lib-cards-dhd", 5.26, 10.54)
     session = StreamSession(engine)
     deltas = []
     for first in range(0, audio.size, SAMPLE_RATE // 10):
@@ -280,8 +279,7 @@ def test_a_stream_final_does_not_say_its_last_words_twice(
 ) -> None:
     """Regression (issue 10, stream WER): decoding a short span of a real call, Whisper says its
     last words twice ("Rear | left left", "Thank you. Thank you.") where the speaker said them once."""
-    call = next(c for c in conversations(band="wideband") if c.name == name)
-    finals = _stream_finals(engine, call.samples[: int(until * SAMPLE_RATE)])
+    finals = _stream_finals(engine, _excerpt(name, 0.0, until))
     assert normalised_words(" ".join(finals)).count(said_once) == 1, finals
 
 
@@ -300,3 +298,28 @@ def test_words_a_speaker_says_twice_stay_twice(
     )
     finals = _stream_finals(engine, audio)
     assert normalised_words(" ".join(finals)).count(said_twice) == 2, finals
+
+
+def _excerpt(name: str, first: float, last: float) -> np.ndarray:
+    """Seconds ``first`` to ``last`` of the wideband conversation ``name``."""
+    call = next(c for c in conversations(band="wideband") if c.name == name)
+    return call.samples[int(first * SAMPLE_RATE) : int(last * SAMPLE_RATE)]
+
+
+def test_a_short_turn_after_a_sentence_reaches_the_final(engine: CTranslate2Engine) -> None:
+    """Regression (issue 10, no final loses text): in a real call, "front left" (a second voice, two
+    words with a pause between them) follows a sentence; the decode made as the pause began, which
+    the final reuses, said only the sentence. The final must hold both."""
+    finals = normalised_words(" ".join(_stream_finals(engine, _excerpt("ast-alsa-dhd-lib", 17.9, 23.0))))
+    assert "participant" in finals, finals
+    assert finals[-2:] == ["front", "left"], finals
+
+
+def test_a_decode_that_drops_a_sentence_does_not_lose_the_next_one(engine: CTranslate2Engine) -> None:
+    """Regression (issue 10, no final loses text): a new decode of a real call's span heard only its
+    second sentence ("There is currently one other participant in the conference") and dropped the
+    first, which the partial before it held. Splitting the span inside the second sentence kept the
+    first and lost the second's head; both sentences must reach the finals."""
+    finals = normalised_words(" ".join(_stream_finals(engine, _excerpt("ast-alsa-dhd-lib", 14.0, 23.5))))
+    for word in ("respectable", "currently", "participant", "conference"):
+        assert word in finals, finals
