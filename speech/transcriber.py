@@ -115,6 +115,14 @@ def _trailing_repeat(words: list[Word]) -> int:
     return 0
 
 
+def _says_twice(words: list[Word], run: int = 3) -> bool:
+    """Whether some run of ``run`` words occurs twice in ``words`` (Whisper looping on a short span:
+    "Today we will remove the quark. Today we will remove the qu")."""
+    keys = [_key(word.word) for word in words]
+    runs = [tuple(keys[i : i + run]) for i in range(len(keys) - run + 1)]
+    return len(set(runs)) < len(runs)
+
+
 def _kept(previous: list[Word], words: list[Word]) -> float:
     """Share of ``previous``'s words that ``words`` still holds, in order."""
     if not previous:
@@ -448,8 +456,8 @@ class StreamSession:
                     return self._split_span(head, cut), tail
         tail = self._decode_checked(audio[heard_len:], word_timestamps=want_times)
         both = previous + tail.words
-        if len(both) <= len(hyp.words) or _kept(hyp.words, both) < SPLIT_KEEPS:
-            return None
+        if len(both) <= len(hyp.words) or _kept(hyp.words, both) < SPLIT_KEEPS or _says_twice(previous):
+            return None  # a partial that says a phrase twice was a loop, which the new decode mended
         return self._split_span(_Hypothesis(list(previous), None), heard_len), tail
 
     def _split_span(self, head: _Hypothesis, cut: int) -> list[Delta]:

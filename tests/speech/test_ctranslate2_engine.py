@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bench.corpus import asterisk_prompt
-from speech.audio import SAMPLE_RATE
+from speech.audio import SAMPLE_RATE, decode_audio
 from speech.batching import BatchingEngine
 from speech.engines.base import TranscribeOptions, TranscriptionResult
 from speech.engines.ctranslate2 import CTranslate2Engine
@@ -20,7 +20,7 @@ from speech.engines.windows import normalised_words
 from speech.errors import ValidationError
 from speech.transcriber import StreamSession
 from tests.conversations import conversations
-from tests.voices import librivox_clips, word_error_rate
+from tests.voices import librivox_clips, synth_speech, word_error_rate
 
 pytestmark = pytest.mark.slow
 
@@ -323,3 +323,15 @@ def test_a_decode_that_drops_a_sentence_does_not_lose_the_next_one(engine: CTran
     finals = normalised_words(" ".join(_stream_finals(engine, _excerpt("ast-alsa-dhd-lib", 14.0, 23.5))))
     for word in ("respectable", "currently", "participant", "conference"):
         assert word in finals, finals
+
+
+def test_a_partial_that_looped_does_not_become_a_final(engine: CTranslate2Engine) -> None:
+    """A partial of a short span that says a phrase twice ("Today we will remove the quark. Today we
+    will remove the qu") is a loop: when the next decode mends it, the mended text is the final, not
+    the loop split off as a final of its own."""
+    sentences = ["Good morning everyone.", "Today we will review the quarterly budget."]
+    pause = np.zeros(int(1.2 * SAMPLE_RATE), dtype=np.float32)
+    audio = np.concatenate([piece for text in sentences for piece in (decode_audio(synth_speech(text)).samples, pause)])
+    finals = _stream_finals(engine, audio)
+    assert normalised_words(" ".join(finals)).count("today") == 1, finals
+    assert word_error_rate(" ".join(sentences), " ".join(finals)) <= 0.2, finals
