@@ -279,8 +279,9 @@ def test_one_conversation_gets_every_turn_finalized_soon_and_the_loop_reads_on_t
 
 @pytest.mark.xfail(
     strict=False,
-    reason="issue 10, open: now and then one of three concurrent sessions loses a short turn "
-    "('ten of clubs', 0.7 s, in lib-cards-dhd); it runs and reports on every suite run",
+    reason="issue 10, open: in about half the runs one of three concurrent sessions loses a short turn "
+    "('ten of clubs', 0.7 s, in lib-cards-dhd; 'You are now muted.', half of it overlapped by 'seven of clubs', "
+    "in ast-dhd-cards); it runs and reports on every suite run",
 )
 def test_three_concurrent_conversations_lose_no_words(embedded, conversation_set):
     """Three people's calls at once into the embedded default: every turn's last word still
