@@ -650,15 +650,15 @@ class StreamSession:
         for index, prob in enumerate(self._probs):
             start = self._probs_at + index * VAD_FRAME
             end = start + VAD_FRAME
-            inside = 0 <= start and end <= size
-            if inside and covered[start:end].any() and run_start is not None:
-                runs.append((run_start, run_end))  # a run never reaches across a word
+            if start < 0 or end > size:
+                continue
+            in_word = bool(covered[start:end].any())
+            speech = prob >= self.start_threshold and not in_word
+            if run_start is not None and (in_word or (speech and start - run_end > bridge)):
+                runs.append((run_start, run_end))  # a word, or a pause longer than the bridge, ends it
                 run_start = None
-            elif inside and prob >= self.start_threshold and not covered[start:end].any():
-                if run_start is None or start - run_end > bridge:
-                    if run_start is not None:
-                        runs.append((run_start, run_end))
-                    run_start = start
+            if speech:
+                run_start = start if run_start is None else run_start
                 run_end = end
         if run_start is not None:
             runs.append((run_start, run_end))

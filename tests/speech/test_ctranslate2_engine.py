@@ -18,7 +18,7 @@ from speech.engines.ctranslate2 import CTranslate2Engine
 from speech.engines.weights import PACKAGED, WeightsUnavailable, packaged_ctranslate2_dir
 from speech.engines.windows import normalised_words
 from speech.errors import ValidationError
-from speech.transcriber import StreamSession
+from speech.transcriber import Delta, StreamSession
 from tests.conversations import conversations
 from tests.voices import librivox_clips, synth_speech, word_error_rate
 
@@ -241,18 +241,34 @@ def test_a_model_that_is_neither_packaged_nor_downloadable_is_a_clear_error(tmp_
         CTranslate2Engine(model_name="no-such-model", cache_dir=tmp_path).load()
 
 
-@pytest.mark.slow
+def _excerpt(name: str, first: float, last: float) -> np.ndarray:
+    """Seconds ``first`` to ``last`` of the wideband conversation ``name``."""
+    call = next(c for c in conversations(band="wideband") if c.name == name)
+    return call.samples[int(first * SAMPLE_RATE) : int(last * SAMPLE_RATE)]
+
+
+def _stream(engine: CTranslate2Engine, audio: np.ndarray, *, behind: bool = False) -> list[Delta]:
+    """The deltas of ``audio`` streamed in 0.1 s chunks at real-time pace (simulated clock), or with
+    the caller's clock far ahead of the audio (``behind``: a loaded worker, finals only)."""
+    session = StreamSession(engine)
+    step = SAMPLE_RATE // 10
+    deltas = []
+    for first in range(0, audio.size, step):
+        deltas += session.feed(audio[first : first + step], now=1000.0 if behind else (first + step) / SAMPLE_RATE)
+    deltas += session.close()
+    return deltas
+
+
+def _stream_finals(engine: CTranslate2Engine, audio: np.ndarray) -> list[str]:
+    return [d.text for d in _stream(engine, audio) if d.is_final]
+
+
 def test_a_stream_too_far_behind_for_partials_keeps_both_voices_of_its_final(engine: CTranslate2Engine) -> None:
     """Regression (issue 10, text lost under load): a worker too far behind makes a final of a span
     without partials. Whisper decodes this one (a reader's sentence, then another voice's "ten of
     clubs", from a real three-person call) as "Ten of close." alone; the reader's words must still
     reach the final."""
-    audio = _excerpt("lib-cards-dhd", 5.26, 10.54)
-    session = StreamSession(engine)
-    deltas = []
-    for first in range(0, audio.size, SAMPLE_RATE // 10):
-        deltas += session.feed(audio[first : first + SAMPLE_RATE // 10], now=1000.0)  # far behind
-    deltas += session.close()
+    deltas = _stream(engine, _excerpt("lib-cards-dhd", 5.26, 10.54), behind=True)
 
     finals = " ".join(d.text for d in deltas if d.is_final)
     assert not any(not d.is_final for d in deltas)  # finals only: no partial could keep the words
@@ -260,17 +276,6 @@ def test_a_stream_too_far_behind_for_partials_keeps_both_voices_of_its_final(eng
     assert word_error_rate(reference, finals) <= 0.25, finals
     assert "respectable" in finals.lower(), finals
     assert "ten" in finals.lower(), finals
-
-
-def _stream_finals(engine: CTranslate2Engine, audio: np.ndarray) -> list[str]:
-    """The finals of ``audio`` streamed in 0.1 s chunks at real-time pace (simulated clock)."""
-    session = StreamSession(engine)
-    step = SAMPLE_RATE // 10
-    deltas = []
-    for first in range(0, audio.size, step):
-        deltas += session.feed(audio[first : first + step], now=(first + step) / SAMPLE_RATE)
-    deltas += session.close()
-    return [d.text for d in deltas if d.is_final]
 
 
 @pytest.mark.parametrize(("name", "until", "said_once"), [("lib-alsa-ast", 4.6, "left"), ("ast-lib", 4.5, "thank")])
@@ -298,12 +303,6 @@ def test_words_a_speaker_says_twice_stay_twice(
     )
     finals = _stream_finals(engine, audio)
     assert normalised_words(" ".join(finals)).count(said_twice) == 2, finals
-
-
-def _excerpt(name: str, first: float, last: float) -> np.ndarray:
-    """Seconds ``first`` to ``last`` of the wideband conversation ``name``."""
-    call = next(c for c in conversations(band="wideband") if c.name == name)
-    return call.samples[int(first * SAMPLE_RATE) : int(last * SAMPLE_RATE)]
 
 
 def test_a_short_turn_after_a_sentence_reaches_the_final(engine: CTranslate2Engine) -> None:
