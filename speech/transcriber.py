@@ -24,7 +24,6 @@ from __future__ import annotations
 import difflib
 import re
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +32,7 @@ import numpy as np
 
 from speech.audio import SAMPLE_RATE
 from speech.engines.base import Engine, Segment, TranscribeOptions, TranscriptionResult, Word
+from speech.engines.windows import COMPRESSION_RATIO_THRESHOLD, compression_ratio
 from speech.vad import VAD_FRAME, Vad
 
 # Spans shorter than this are decoded without the previous text as a prompt (see ``_decode``).
@@ -145,11 +145,6 @@ def _cut_repetition(text: str) -> str:
             if i + k * times <= n and all(keys[i + j * k : i + (j + 1) * k] == keys[i : i + k] for j in range(times)):
                 return " ".join(words[: i + k])
     return text
-
-
-def _compression_ratio(text: str) -> float:
-    data = text.encode()
-    return len(data) / max(1, len(zlib.compress(data)))
 
 
 @dataclass
@@ -386,7 +381,7 @@ class StreamSession:
             # (espeak's voice often decodes near -1.6) must survive, so only plain garbage goes.
             if seg.avg_logprob is not None and seg.avg_logprob < self.logprob_threshold - 1.0:
                 continue
-            if _compression_ratio(seg.text) > 2.4:  # a repetition loop
+            if compression_ratio(seg.text) > COMPRESSION_RATIO_THRESHOLD:  # a repetition loop
                 continue
             if not any(c.isalnum() for c in seg.text):  # "♪", "..."
                 continue

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from math import ceil
@@ -40,14 +39,19 @@ from speech.engines.base import (
 )
 from speech.engines.short import ShortWindowEngine
 from speech.engines.weights import PACKAGED, WeightsUnavailable, packaged_ctranslate2_dir
-from speech.engines.windows import ENCODE_MARGIN_S, result_from_segments, window_plan
+from speech.engines.windows import (
+    COMPRESSION_RATIO_THRESHOLD,
+    DEFAULT_TEMPERATURES,
+    ENCODE_MARGIN_S,
+    compression_ratio,
+    result_from_segments,
+    window_plan,
+)
 from speech.errors import ValidationError
 
 logger = logging.getLogger(__name__)
 
-# openai-whisper's fallback schedule and thresholds (the same numbers as the torch engine).
-DEFAULT_TEMPERATURES: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-_COMPRESSION_RATIO_THRESHOLD = 2.4
+# openai-whisper's log probability threshold (its schedule and loop threshold: speech.engines.windows).
 _LOGPROB_THRESHOLD = -1.0
 _NO_SPEECH_THRESHOLD = 0.6
 _BEST_OF = 5  # candidates sampled per window at a temperature above 0
@@ -70,11 +74,6 @@ _MIN_ENCODE_S = 15
 
 # Below this peak amplitude (about -80 dBFS) there is nothing a microphone could have picked up.
 _SILENCE_PEAK = 1e-4
-
-
-def _compression_ratio(text: str) -> float:
-    data = text.encode("utf-8")
-    return len(data) / max(1, len(zlib.compress(data)))
 
 
 def _is_silent(samples: np.ndarray) -> bool:
@@ -266,7 +265,7 @@ class CTranslate2Engine(Engine):
             beam_size=beam,
             best_of=_BEST_OF,
             temperature=list(DEFAULT_TEMPERATURES) if options.temperature is None else [float(options.temperature)],
-            compression_ratio_threshold=_COMPRESSION_RATIO_THRESHOLD,
+            compression_ratio_threshold=COMPRESSION_RATIO_THRESHOLD,
             log_prob_threshold=_LOGPROB_THRESHOLD,
             no_speech_threshold=_NO_SPEECH_THRESHOLD,
             condition_on_previous_text=False,
@@ -448,7 +447,7 @@ class CTranslate2Engine(Engine):
                 avg_logprob = float(output.scores[0]) * len(tokens) / (len(tokens) + 1)
                 no_speech = float(output.no_speech_prob)
                 text = tokenizer_for(languages[index]).decode(tokens).strip()
-                loops = _compression_ratio(text) > _COMPRESSION_RATIO_THRESHOLD
+                loops = compression_ratio(text) > COMPRESSION_RATIO_THRESHOLD
                 attempts[index].append((avg_logprob, tokens, avg_logprob, no_speech, not loops))
                 silence = no_speech > _NO_SPEECH_THRESHOLD and avg_logprob < _LOGPROB_THRESHOLD
                 if (loops or avg_logprob < _LOGPROB_THRESHOLD) and not silence:

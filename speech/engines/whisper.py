@@ -25,12 +25,8 @@ from speech.audio import SAMPLE_RATE
 from speech.engines.base import Engine, Segment, TranscribeOptions, TranscriptionResult, WindowPlan, Word
 from speech.engines.short import ShortWindowEngine
 from speech.engines.weights import LoadedModel, load_whisper_model
-from speech.engines.windows import window_plan
+from speech.engines.windows import COMPRESSION_RATIO_THRESHOLD, DEFAULT_TEMPERATURES, window_plan
 from speech.errors import ValidationError
-
-# openai-whisper's own fallback schedule: retry a window at rising temperature when greedy
-# decoding loops (compression ratio) or is unsure (log probability).
-DEFAULT_TEMPERATURES: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
 _WINDOW_SAMPLES = 30 * SAMPLE_RATE  # Whisper's one window
 
@@ -162,7 +158,7 @@ class WhisperEngine(Engine):
                     # Not feeding the previous window's text back avoids the repetition loops it
                     # causes and keeps a hallucination in a quiet window from propagating.
                     condition_on_previous_text=False,
-                    compression_ratio_threshold=2.4,
+                    compression_ratio_threshold=COMPRESSION_RATIO_THRESHOLD,
                     logprob_threshold=-1.0,
                     no_speech_threshold=0.6,
                     word_timestamps=word_timestamps,
@@ -410,7 +406,7 @@ def _decode_windows(
         retry = []
         for index, output in zip(pending, outputs, strict=True):
             decoded[index] = output
-            looping = output.compression_ratio > 2.4
+            looping = output.compression_ratio > COMPRESSION_RATIO_THRESHOLD
             unsure = output.avg_logprob < -1.0 and not output.no_speech_prob > 0.6
             if (looping or unsure) and not last:
                 retry.append(index)
