@@ -51,6 +51,12 @@ DROP_SEARCH_SECONDS = 0.6
 # sentence loses the sentence's head from both halves.
 SPLIT_KEEPS = 0.8
 
+# A cut after confirmed words goes on to the VAD's pause within this long after the last one's end
+# (Whisper's word times end early: "Hello." ended 0.25 s before the speaker stopped), but not past
+# the next word's start plus the slack.
+CUT_PAUSE_SECONDS = 0.5
+CUT_PAUSE_SLACK_SECONDS = 0.1
+
 # Speech this long that no word of a fresh final decode covers (by word times, give or take
 # GAP_WORD_SLACK_SECONDS) is decoded on its own and its words put in their place (see ``_fill_gaps``).
 GAP_CHECK_SECONDS = 0.5
@@ -402,9 +408,10 @@ class StreamSession:
         self._last_decode_len = self._span_len
         span_s = audio.size / SAMPLE_RATE
         # Word times are needed only where a cut may follow: a previous hypothesis with a clause
-        # boundary, or a span past chunk_seconds.
+        # boundary (its last word too: "...at the moment." with the next voice 0.17 s later, too
+        # short a pause to end the span, is confirmed by this decode), or a span past chunk_seconds.
         previous = self._previous or []
-        want_times = span_s >= self.chunk_seconds or any(_CLAUSE_END.search(w.word) for w in previous[:-1])
+        want_times = span_s >= self.chunk_seconds or any(_CLAUSE_END.search(w.word) for w in previous)
         # Once a pause has begun this decode is likely the final, whose words are checked against
         # the speech by their times (``_fill_gaps``).
         hyp = self._decode_checked(audio, word_timestamps=want_times or self._silence_run > 0)
@@ -495,6 +502,13 @@ class StreamSession:
         if cut_samples <= 0:
             self._previous = hyp.words
             return []
+        # Word times often end a word early: the cut goes on to the pause after it, if there is
+        # one before the next word begins, so that the word's tail is not the next span's head.
+        reach = int(CUT_PAUSE_SECONDS * SAMPLE_RATE)
+        if cut < len(hyp.words):
+            next_start = int((hyp.words[cut].start + CUT_PAUSE_SLACK_SECONDS) * SAMPLE_RATE)
+            reach = min(reach, max(0, next_start - cut_samples))
+        cut_samples = self._pause_after(cut_samples, reach)
         delta = self._final(committed, self._span_start + cut_samples, hyp.confidence)
         self._drop_head(cut_samples)
         # Whatever follows the cut is the speaker going on (word times are approximate, and padding
@@ -521,6 +535,16 @@ class StreamSession:
         while self._probs and self._probs_at < 0:
             self._probs.pop(0)
             self._probs_at += VAD_FRAME
+
+    def _pause_after(self, sample: int, reach: int) -> int:
+        """The middle of the least speech-like VAD frame in the ``reach`` samples after ``sample``
+        when it is below the stop threshold (a pause the word times ended early of); else ``sample``."""
+        best: tuple[float, int] | None = None
+        for index, prob in enumerate(self._probs):
+            middle = self._probs_at + index * VAD_FRAME + VAD_FRAME // 2
+            if sample <= middle <= min(sample + reach, self._span_len) and prob < self.stop_threshold:
+                best = (prob, middle) if best is None or (prob, middle) < best else best
+        return sample if best is None else best[1]
 
     def _pause_before(self, sample: int, reach: int) -> int | None:
         """The middle of the span's least speech-like VAD frame in the ``reach`` samples before

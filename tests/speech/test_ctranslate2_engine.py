@@ -247,16 +247,22 @@ def _excerpt(name: str, first: float, last: float) -> np.ndarray:
     return call.samples[int(first * SAMPLE_RATE) : int(last * SAMPLE_RATE)]
 
 
-def _stream(engine: CTranslate2Engine, audio: np.ndarray, *, behind: bool = False) -> list[Delta]:
+def _stream_timed(engine: CTranslate2Engine, audio: np.ndarray, *, behind: bool = False) -> list[tuple[float, Delta]]:
     """The deltas of ``audio`` streamed in 0.1 s chunks at real-time pace (simulated clock), or with
-    the caller's clock far ahead of the audio (``behind``: a loaded worker, finals only)."""
+    the caller's clock far ahead of the audio (``behind``: a loaded worker, finals only), each with
+    the stream second it came at (how much audio had been sent)."""
     session = StreamSession(engine)
     step = SAMPLE_RATE // 10
-    deltas = []
+    timed = []
     for first in range(0, audio.size, step):
-        deltas += session.feed(audio[first : first + step], now=1000.0 if behind else (first + step) / SAMPLE_RATE)
-    deltas += session.close()
-    return deltas
+        sent = (first + step) / SAMPLE_RATE
+        timed += [(sent, d) for d in session.feed(audio[first : first + step], now=1000.0 if behind else sent)]
+    timed += [(audio.size / SAMPLE_RATE, d) for d in session.close()]
+    return timed
+
+
+def _stream(engine: CTranslate2Engine, audio: np.ndarray, *, behind: bool = False) -> list[Delta]:
+    return [delta for _, delta in _stream_timed(engine, audio, behind=behind)]
 
 
 def _stream_finals(engine: CTranslate2Engine, audio: np.ndarray) -> list[str]:
@@ -322,6 +328,42 @@ def test_a_decode_that_drops_a_sentence_does_not_lose_the_next_one(engine: CTran
     finals = normalised_words(" ".join(_stream_finals(engine, _excerpt("ast-alsa-dhd-lib", 14.0, 23.5))))
     for word in ("respectable", "currently", "participant", "conference"):
         assert word in finals, finals
+
+
+def test_a_sentence_that_another_voice_follows_at_once_is_final_before_that_voice_is_done(
+    engine: CTranslate2Engine,
+) -> None:
+    """Issue 10, final latency: in a real call, "Nobody is available to take your call at the
+    moment." ends 0.17 s before another voice says "side left", too short a pause to end the span.
+    The partial that ends with the sentence's full stop and the next one, which goes on past it,
+    agree on the sentence: it is a final of its own, within 2 s of the sentence's end (4.35 s into
+    this excerpt), not one final of both voices once the second one stops."""
+    timed = _stream_timed(engine, _excerpt("cards-ast-alsa", 18.9, 25.2))
+
+    finals = [(sent, delta.text) for sent, delta in timed if delta.is_final]
+    sentence = [(sent, text) for sent, text in finals if "moment" in normalised_words(text)]
+    assert len(sentence) == 1, finals
+    sent, text = sentence[0]
+    assert "side" not in normalised_words(text), finals
+    assert sent <= 23.25 - 18.9 + 2.0, finals
+    assert normalised_words(finals[-1][1]) == ["side", "left"], finals
+    assert finals[-1][0] > sent, finals
+
+
+def test_a_final_cut_between_two_voices_ends_in_the_pause_between_them(engine: CTranslate2Engine) -> None:
+    """Issue 10, final timing: in a real call a reader stops at 9.31 s ("...than he was.") and
+    another voice says "ten of clubs" from 9.48 s. Whisper's word times end "was" at 9.02 s; the
+    final of the reader's words and the cut after it go on to the pause, so the final's times say
+    when the reader really stopped and the second voice's final holds none of the reader's audio."""
+    first = 3.7
+    timed = _stream_timed(engine, _excerpt("lib-cards-dhd", first, 11.0))
+
+    finals = [delta for _, delta in timed if delta.is_final]
+    reader = [d for d in finals if normalised_words(d.text)[-3:] == ["than", "he", "was"]]
+    assert len(reader) == 1, finals
+    assert 9.31 - 0.1 <= first + reader[0].end <= 9.48 + 0.05, finals
+    assert finals[-1].start == reader[0].end, finals
+    assert normalised_words(finals[-1].text)[0] in ("10", "ten"), finals
 
 
 def test_a_partial_that_looped_does_not_become_a_final(engine: CTranslate2Engine) -> None:
