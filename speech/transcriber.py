@@ -39,10 +39,11 @@ from speech.vad import VAD_FRAME, Vad
 PROMPT_MIN_SECONDS = 2.0
 # A pause this long after speech is decoded at once, so the final at ``silence_seconds`` reuses it.
 PAUSE_DECODE_SECONDS = 0.15
-# Conversational speech runs at 2-3 words a second: a final decode of at least this much speech
-# with fewer words than ``MIN_WORDS_PER_SECOND`` per second is suspect (see ``_decode_checked``).
+# Conversational speech runs at 2-3 words a second: a decode of at least this much speech with
+# fewer words than ``MIN_WORDS_PER_SECOND`` per second is suspect (see ``_decode_checked``). At 0.6
+# a decode that kept a number ("2 -9 -3 -4 -0") and skipped the 7 s sentence after it passed.
 SHORT_CHECK_SECONDS = 3.0
-MIN_WORDS_PER_SECOND = 0.6
+MIN_WORDS_PER_SECOND = 1.3
 # A partial of at least this many words that the next decode of the span mostly drops is kept.
 DROP_CHECK_WORDS = 2
 # ... and the span is then cut at the VAD's least speech-like frame in the last this long of that partial's audio.
@@ -489,6 +490,10 @@ class StreamSession:
             cut = max(cut, agreed)
             if cut == 0 and span_s >= 2 * self.chunk_seconds and len(hyp.words) > 2:
                 cut = len(hyp.words) - 2  # no agreement for too long: keep the span bounded
+        if cut and _says_twice(hyp.words) and span_s < 2 * self.chunk_seconds:
+            # Whisper looping ("2 9 3 4 0 2 9 3 4 0" for digits and then a reader's sentence): two
+            # decodes agree on the loop, and its words' times spread over speech they never said.
+            cut = 0
         if cut == 0:
             self._previous = hyp.words
             return []

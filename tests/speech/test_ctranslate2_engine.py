@@ -247,17 +247,24 @@ def _excerpt(name: str, first: float, last: float) -> np.ndarray:
     return call.samples[int(first * SAMPLE_RATE) : int(last * SAMPLE_RATE)]
 
 
-def _stream_timed(engine: CTranslate2Engine, audio: np.ndarray, *, behind: bool = False) -> list[tuple[float, Delta]]:
+def _stream_timed(
+    engine: CTranslate2Engine, audio: np.ndarray, *, behind: bool = False, decode_seconds: float = 0.0
+) -> list[tuple[float, Delta]]:
     """The deltas of ``audio`` streamed in 0.1 s chunks at real-time pace (simulated clock), or with
     the caller's clock far ahead of the audio (``behind``: a loaded worker, finals only), each with
-    the stream second it came at (how much audio had been sent)."""
+    the stream second it came at. ``decode_seconds``: every decode costs this much simulated time (a
+    loaded worker, deterministically), and the clock runs ahead of the audio by what they cost."""
     session = StreamSession(engine)
     step = SAMPLE_RATE // 10
     timed = []
+    clock = 0.0
     for first in range(0, audio.size, step):
-        sent = (first + step) / SAMPLE_RATE
-        timed += [(sent, d) for d in session.feed(audio[first : first + step], now=1000.0 if behind else sent)]
-    timed += [(audio.size / SAMPLE_RATE, d) for d in session.close()]
+        clock = max(clock, (first + step) / SAMPLE_RATE)
+        decodes = session.stats.count
+        deltas = session.feed(audio[first : first + step], now=1000.0 if behind else clock)
+        clock += decode_seconds * (session.stats.count - decodes)
+        timed += [(clock, d) for d in deltas]
+    timed += [(clock, d) for d in session.close()]
     return timed
 
 
@@ -364,6 +371,28 @@ def test_a_final_cut_between_two_voices_ends_in_the_pause_between_them(engine: C
     assert 9.31 - 0.1 <= first + reader[0].end <= 9.48 + 0.05, finals
     assert finals[-1].start == reader[0].end, finals
     assert normalised_words(finals[-1].text)[0] in ("10", "ten"), finals
+
+
+@pytest.mark.parametrize("decode_seconds", [0.45, 0.5])
+def test_a_number_and_the_sentence_after_it_both_reach_the_finals_on_a_loaded_worker(
+    engine: CTranslate2Engine, decode_seconds: float
+) -> None:
+    """Issue 10, no final loses text: in a real call a voice reads a number ("two nine three four
+    zero") and a reader's 5.4 s sentence begins as it ends. On a loaded worker (every decode
+    costing about half a second) Whisper, with the call so far as its prompt, answered
+    "2 -9 -3 -4 -0" for the whole span, or that number twice; the number was a final and the
+    sentence was lost. A decode with too few words for its speech is retried without the prompt,
+    and two partials that agree on a loop make no final."""
+    timed = _stream_timed(engine, _excerpt("ast-alsa-dhd-lib", 0.0, 24.0), decode_seconds=decode_seconds)
+
+    finals = [delta.text for _, delta in timed if delta.is_final]
+    words = normalised_words(" ".join(finals))
+    for word in ("amiable", "respectable", "currently", "participant"):
+        assert word in words, finals
+    for final in finals:
+        keys = normalised_words(final)
+        runs = [tuple(keys[i : i + 3]) for i in range(len(keys) - 2)]
+        assert len(set(runs)) == len(runs), final
 
 
 def test_a_partial_that_looped_does_not_become_a_final(engine: CTranslate2Engine) -> None:
