@@ -543,7 +543,8 @@ class StreamSession:
 
     def _pause_after(self, sample: int, reach: int) -> int:
         """The middle of the least speech-like VAD frame in the ``reach`` samples after ``sample``
-        when it is below the stop threshold (a pause the word times ended early of); else ``sample``."""
+        when it is below the stop threshold (the pause after a word whose time ends early); else
+        ``sample``."""
         best: tuple[float, int] | None = None
         for index, prob in enumerate(self._probs):
             middle = self._probs_at + index * VAD_FRAME + VAD_FRAME // 2
