@@ -541,27 +541,31 @@ class StreamSession:
             self._probs.pop(0)
             self._probs_at += VAD_FRAME
 
+    def _frames(self) -> list[tuple[int, float]]:
+        """(first span sample, VAD speech probability) of each whole VAD frame of the span."""
+        return [(self._probs_at + index * VAD_FRAME, prob) for index, prob in enumerate(self._probs)]
+
     def _pause_after(self, sample: int, reach: int) -> int:
         """The middle of the least speech-like VAD frame in the ``reach`` samples after ``sample``
         when it is below the stop threshold (the pause after a word whose time ends early); else
         ``sample``."""
-        best: tuple[float, int] | None = None
-        for index, prob in enumerate(self._probs):
-            middle = self._probs_at + index * VAD_FRAME + VAD_FRAME // 2
-            if sample <= middle <= min(sample + reach, self._span_len) and prob < self.stop_threshold:
-                best = (prob, middle) if best is None or (prob, middle) < best else best
-        return sample if best is None else best[1]
+        last = min(sample + reach, self._span_len)
+        quiet = [
+            (prob, start + VAD_FRAME // 2)
+            for start, prob in self._frames()
+            if sample <= start + VAD_FRAME // 2 <= last and prob < self.stop_threshold
+        ]
+        return min(quiet)[1] if quiet else sample
 
     def _pause_before(self, sample: int, reach: int) -> int | None:
         """The middle of the span's least speech-like VAD frame in the ``reach`` samples before
         ``sample`` (the latest of equals); ``None`` when there is none."""
-        best: tuple[float, int, int] | None = None
-        for index, prob in enumerate(self._probs):
-            middle = self._probs_at + index * VAD_FRAME + VAD_FRAME // 2
-            if sample - reach <= middle <= sample and VAD_FRAME <= middle:
-                candidate = (prob, abs(middle - sample), middle)
-                best = candidate if best is None or candidate < best else best
-        return None if best is None else best[2]
+        candidates = [
+            (prob, abs(middle - sample), middle)
+            for middle, prob in ((start + VAD_FRAME // 2, prob) for start, prob in self._frames())
+            if sample - reach <= middle <= sample and VAD_FRAME <= middle
+        ]
+        return min(candidates)[2] if candidates else None
 
     def _cut_long_span(self) -> list[Delta]:
         """The span reached ``max_span_seconds`` without a pause or a confirmed cut (the caller is
@@ -672,8 +676,7 @@ class StreamSession:
         run_start: int | None = None
         run_end = 0
         bridge = GAP_BRIDGE_SECONDS * SAMPLE_RATE
-        for index, prob in enumerate(self._probs):
-            start = self._probs_at + index * VAD_FRAME
+        for start, prob in self._frames():
             end = start + VAD_FRAME
             if start < 0 or end > size:
                 continue

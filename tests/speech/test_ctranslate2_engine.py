@@ -268,12 +268,8 @@ def _stream_timed(
     return timed
 
 
-def _stream(engine: CTranslate2Engine, audio: np.ndarray, *, behind: bool = False) -> list[Delta]:
-    return [delta for _, delta in _stream_timed(engine, audio, behind=behind)]
-
-
 def _stream_finals(engine: CTranslate2Engine, audio: np.ndarray) -> list[str]:
-    return [d.text for d in _stream(engine, audio) if d.is_final]
+    return [delta.text for _, delta in _stream_timed(engine, audio) if delta.is_final]
 
 
 def test_a_stream_too_far_behind_for_partials_keeps_both_voices_of_its_final(engine: CTranslate2Engine) -> None:
@@ -281,7 +277,7 @@ def test_a_stream_too_far_behind_for_partials_keeps_both_voices_of_its_final(eng
     without partials. Whisper decodes this one (a reader's sentence, then another voice's "ten of
     clubs", from a real three-person call) as "Ten of close." alone; the reader's words must still
     reach the final."""
-    deltas = _stream(engine, _excerpt("lib-cards-dhd", 5.26, 10.54), behind=True)
+    deltas = [delta for _, delta in _stream_timed(engine, _excerpt("lib-cards-dhd", 5.26, 10.54), behind=True)]
 
     finals = " ".join(d.text for d in deltas if d.is_final)
     assert not any(not d.is_final for d in deltas)  # finals only: no partial could keep the words
