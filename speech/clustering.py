@@ -45,7 +45,8 @@ FRAME_SECONDS = 0.01  # resolution of :func:`timeline`
 # A one-window cluster joins the closest bigger one only when at least this similar to it;
 # below, it is more likely a speaker with a single turn than a cough or an overlap.
 ABSORB_SIMILARITY = 0.2
-# A short window less similar than this to every cluster is a voice of its own (free count only).
+# A short window less similar than this on average to the windows of every cluster is a voice of its
+# own (free count only).
 NEW_VOICE_SIMILARITY = 0.15
 # Share of the energy above 4 kHz under which audio is narrowband (phone): 8 kHz telephone audio
 # has ~1e-7 there once resampled, wideband speech 1e-3 and more (also in recordings that mix
@@ -234,24 +235,33 @@ def cluster_embeddings(
     result[core] = labels
     if (~core).any():
         free = num_speakers is None and max_speakers is None
-        result[~core] = _join_short(embeddings[~core], centroids(core_rows, labels), new_voices=free)
+        result[~core] = _join_short(embeddings[~core], core_rows, labels, new_voices=free)
     return _renumber(result)
 
 
-def _join_short(rows: np.ndarray, means: dict[int, np.ndarray], *, new_voices: bool) -> np.ndarray:
-    """Each row's closest centroid; with ``new_voices``, a row unlike every centroid (below
-    NEW_VOICE_SIMILARITY) starts a voice of its own, which later rows can join."""
-    keys = list(means)
-    vectors = [means[key] for key in keys]
+def _join_short(
+    rows: np.ndarray, core_rows: np.ndarray, core_labels: np.ndarray, *, new_voices: bool
+) -> np.ndarray:
+    """Each row's closest cluster by its average similarity to the cluster's windows (average
+    linkage, as the cut above); with ``new_voices``, a row below NEW_VOICE_SIMILARITY with every
+    cluster starts a voice of its own, which later rows can join.
+
+    Not the similarity to the cluster's centroid: the normalised mean of a spread cluster is closer
+    to everything than its windows are. On a phone line, a voice heard only in half-second bursts
+    ("front left", cards-ast-alsa in tests/conversations.py) scored 0.18-0.21 with both other
+    speakers' centroids, so it was joined to one of them, but 0.13-0.14 on average with their
+    windows: now a voice of its own. Over the 20 test conversations the speaker count is right on
+    18 (17 with centroids); NEW_VOICE_SIMILARITY 0.14-0.16 gives 18, 0.13 and 0.17 give 17.
+    """
+    members = {int(label): core_rows[core_labels == label] for label in np.unique(core_labels)}
     labels = np.empty(rows.shape[0], dtype=int)
     for index, row in enumerate(rows):
-        scores = np.stack(vectors) @ row
-        if new_voices and scores.max() < NEW_VOICE_SIMILARITY:
-            keys.append(max(keys) + 1)
-            vectors.append(row)
-            labels[index] = keys[-1]
-        else:
-            labels[index] = keys[int(scores.argmax())]
+        scores = {label: float((windows @ row).mean()) for label, windows in members.items()}
+        best = max(scores, key=scores.__getitem__)
+        if new_voices and scores[best] < NEW_VOICE_SIMILARITY:
+            best = max(members) + 1
+            members[best] = row[np.newaxis]
+        labels[index] = best
     return labels
 
 

@@ -84,9 +84,10 @@ def assert_one_label_per_person(
 @pytest.mark.parametrize("band", ["wideband", "phone"])
 def test_real_conversations_get_one_label_per_person(encoder, band):
     """Every conversation with text (2-4 people), wideband and over a phone line (each cut at its
-    band's threshold): the count exact in all but at most one (the calibration over all 20, the
-    untranscribed radio ones included, gave 9/10 wideband and 8/10 phone), and where it is exact,
-    each turn's words under one label, one label per person."""
+    band's threshold): the count exact in every one (over all 20, the untranscribed radio ones
+    included, 9/10 wideband and 9/10 phone; the phone band's cards-ast-alsa, where one person
+    speaks only in half-second bursts, had two labels for three people while short windows were
+    compared with cluster centroids), and each turn's words under one label, one label per person."""
     convs = conversations(band=band)
     exact = 0
     for conv in convs:
@@ -101,7 +102,7 @@ def test_real_conversations_get_one_label_per_person(encoder, band):
             # short turn of a minor speaker can lose a third of its words to the neighbouring voice.
             phone = band == "phone"
             assert_one_label_per_person(conv, segments, mostly_share=0.85 if phone else 0.9, turn_share=0.6 if phone else 0.8)
-    assert exact >= len(convs) - 1, exact
+    assert exact == len(convs), exact
 
 
 def test_num_speakers_forces_the_count(encoder, wideband):

@@ -81,6 +81,24 @@ def test_a_short_window_unlike_every_voice_is_a_voice_of_its_own_when_the_count_
     assert set(clustering.cluster_embeddings(every, threshold=0.3, lone=short, num_speakers=2)) == {0, 1}
 
 
+def test_a_short_window_is_judged_by_a_voices_windows_not_by_their_centroid():
+    """A spread voice's normalised centroid is closer to everything than its windows are: a short
+    window (someone else's "front left") near that centroid, yet unlike the windows themselves, is
+    a voice of its own, as in a phone call where the bursts of a third person joined another."""
+    rows, truth = voices(2, 8)
+    first = rows[:8]
+    burst = toward(first.mean(axis=0), 0.18, seed=5)
+    centroid = clustering.centroids(rows, truth)
+    assert burst @ centroid[0] > clustering.NEW_VOICE_SIMILARITY  # the centroid would take it
+    assert (first @ burst).mean() < clustering.NEW_VOICE_SIMILARITY  # its windows do not
+    assert (rows[8:] @ burst).mean() < clustering.NEW_VOICE_SIMILARITY
+    short = np.zeros(17, dtype=bool)
+    short[-1] = True
+    labels = clustering.cluster_embeddings(np.vstack([rows, burst]), threshold=0.3, lone=short)
+    assert same_partition(labels[:-1], truth)
+    assert labels[-1] == 2
+
+
 def test_short_windows_are_clustered_after_the_full_ones():
     rows, truth = voices(2, 8)
     short = np.zeros(rows.shape[0], dtype=bool)
