@@ -3,7 +3,8 @@
 A recording is cut at its pauses by Silero VAD (the ONNX model inside the faster-whisper wheel, no
 download) and its speech regions are joined into windows of at most 28 s, inside Whisper's own 30 s window.
 Each window is decoded on its own, so a loop in one cannot run on into the next, and no window
-holds long non-speech for Whisper to "hear" words in. The windows' times are mapped back to the
+holds long non-speech for Whisper to "hear" words in (a pause under ``KEEP_PAUSE_S`` stays: a turn
+change is read better with its pause heard). The windows' times are mapped back to the
 recording.
 
 After decoding, :func:`guard_repetitions` reads the windows in order: a run of words heard before
@@ -168,8 +169,8 @@ def speech_windows(samples: np.ndarray, *, max_window_s: float = MAX_WINDOW_S) -
     )
     if not regions:
         return SpeechWindows(windows=[], regions=[], duration_s=duration_s)
-    regions = _keep_short_pauses(regions, max_samples=int(max_window_s * SAMPLE_RATE))
     limit = int(max_window_s * SAMPLE_RATE)
+    regions = _keep_short_pauses(regions, max_samples=limit)
     windows = []
     for chunk in collect_chunks(samples, regions, max_duration=max_window_s)[0]:
         # Silero keeps a padded region within the limit; cut anyway rather than hand an engine
