@@ -48,6 +48,9 @@ MIN_WORDS_PER_SECOND = 1.3
 DROP_CHECK_WORDS = 2
 # ... and the span is then cut at the VAD's least speech-like frame in the last this long of that partial's audio.
 DROP_SEARCH_SECONDS = 0.6
+# A new decode that leaves out this many of the previous partial's words in a row has dropped them
+# (a second voice's "Change to which folder?" gone, though most words are still there).
+LOST_RUN_WORDS = 3
 # A split of the span must keep at least this share of the new decode's words too: a cut inside a
 # sentence loses the sentence's head from both halves.
 SPLIT_KEEPS = 0.8
@@ -130,14 +133,24 @@ def _says_twice(words: list[Word], run: int = 3) -> bool:
     return len(set(runs)) < len(runs)
 
 
+def _alignment(previous: list[Word], words: list[Word]) -> difflib.SequenceMatcher:
+    """``previous``'s words aligned with ``words``'s, compared by :func:`_key`."""
+    return difflib.SequenceMatcher(
+        None, [_key(w.word) for w in previous], [_key(w.word) for w in words], autojunk=False
+    )
+
+
 def _kept(previous: list[Word], words: list[Word]) -> float:
     """Share of ``previous``'s words that ``words`` still holds, in order."""
     if not previous:
         return 1.0
-    matcher = difflib.SequenceMatcher(
-        None, [_key(w.word) for w in previous], [_key(w.word) for w in words], autojunk=False
-    )
-    return sum(block.size for block in matcher.get_matching_blocks()) / len(previous)
+    return sum(block.size for block in _alignment(previous, words).get_matching_blocks()) / len(previous)
+
+
+def _lost_run(previous: list[Word], words: list[Word]) -> int:
+    """The longest run of ``previous``'s words that ``words`` leaves out with nothing in their place."""
+    opcodes = _alignment(previous, words).get_opcodes()
+    return max((last - first for op, first, last, _, _ in opcodes if op == "delete"), default=0)
 
 
 def _cut_repetition(text: str) -> str:
@@ -417,7 +430,8 @@ class StreamSession:
         # the speech by their times (``_fill_gaps``).
         hyp = self._decode_checked(audio, word_timestamps=want_times or self._silence_run > 0)
         deltas: list[Delta] = []
-        if len(previous) >= DROP_CHECK_WORDS and 0 < heard_len < audio.size and _kept(previous, hyp.words) < 0.5:
+        dropped = _kept(previous, hyp.words) < 0.5 or _lost_run(previous, hyp.words) >= LOST_RUN_WORDS
+        if len(previous) >= DROP_CHECK_WORDS and 0 < heard_len < audio.size and dropped:
             kept = self._keep_dropped(previous, heard_len, hyp, want_times=want_times)
             if kept is not None:
                 final, hyp = kept
@@ -437,9 +451,11 @@ class StreamSession:
     def _keep_dropped(
         self, previous: list[Word], heard_len: int, hyp: _Hypothesis, *, want_times: bool
     ) -> tuple[list[Delta], _Hypothesis] | None:
-        """The new decode of the span lost most of the previous partial's words: Whisper, given a
-        second voice after a short pause, now and then hears only the second ("You are now muted.
-        Seven of clubs." becomes "Seven of clubs."), even in audio that holds a syllable of it.
+        """The new decode of the span lost most of the previous partial's words, or a run of
+        ``LOST_RUN_WORDS`` of them: Whisper, given a second voice after a short pause, now and then
+        hears only the second ("You are now muted. Seven of clubs." becomes "Seven of clubs."), or
+        only one of two overlapping voices ("Rear, last. Change to which folder? Four, queen of
+        clubs." becomes "Rear, last. Four, queen of clothes."), even in audio that holds the words.
 
         The span is cut at the pause the VAD heard last before the previous partial's audio ended, and each side decoded on its own; when the first side still holds the lost words, it
         is a final and the second side the new partial. Failing that, the previous partial itself
