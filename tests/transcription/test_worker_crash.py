@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 
 import pytest
 
@@ -17,7 +18,11 @@ from transcription.tasks import process_transcribe_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
-QUEUE = "crash-test"  # only this test's workers listen here, not the session's worker
+# Only this test's workers listen here, not the session's worker. A fresh name each run: the killed
+# worker's task stays unacknowledged in Redis and goes back to its queue, so with one name for every
+# run the next run's worker was fed the last run's task (its job long gone), redelivered again and
+# again at the 3 s visibility timeout, and did not reach this run's job within a minute.
+QUEUE = f"crash-test-{uuid.uuid4().hex[:12]}"
 # Long enough to kill the worker mid-job, and never repeating itself: Whisper reads repeated text
 # as a decoding loop (compression ratio) and falls back to sampling, whose output is random.
 SPOKEN = " ".join(
