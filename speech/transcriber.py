@@ -147,10 +147,13 @@ def _kept(previous: list[Word], words: list[Word]) -> float:
     return sum(block.size for block in _alignment(previous, words).get_matching_blocks()) / len(previous)
 
 
-def _lost_run(previous: list[Word], words: list[Word]) -> int:
-    """The longest run of ``previous``'s words that ``words`` leaves out with nothing in their place."""
-    opcodes = _alignment(previous, words).get_opcodes()
-    return max((last - first for op, first, last, _, _ in opcodes if op == "delete"), default=0)
+def _drops(previous: list[Word], words: list[Word]) -> bool:
+    """Whether ``words`` drops ``previous``'s: keeps under half of them, or leaves out
+    ``LOST_RUN_WORDS`` of them in a row with nothing in their place (one alignment for both)."""
+    alignment = _alignment(previous, words)
+    kept = sum(block.size for block in alignment.get_matching_blocks())
+    lost = max((last - first for op, first, last, _, _ in alignment.get_opcodes() if op == "delete"), default=0)
+    return kept < 0.5 * len(previous) or lost >= LOST_RUN_WORDS
 
 
 def _cut_repetition(text: str) -> str:
@@ -430,8 +433,7 @@ class StreamSession:
         # the speech by their times (``_fill_gaps``).
         hyp = self._decode_checked(audio, word_timestamps=want_times or self._silence_run > 0)
         deltas: list[Delta] = []
-        dropped = _kept(previous, hyp.words) < 0.5 or _lost_run(previous, hyp.words) >= LOST_RUN_WORDS
-        if len(previous) >= DROP_CHECK_WORDS and 0 < heard_len < audio.size and dropped:
+        if len(previous) >= DROP_CHECK_WORDS and 0 < heard_len < audio.size and _drops(previous, hyp.words):
             kept = self._keep_dropped(previous, heard_len, hyp, want_times=want_times)
             if kept is not None:
                 final, hyp = kept
