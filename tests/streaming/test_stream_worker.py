@@ -4,7 +4,9 @@ the Redis channel layer, transcribing espeak-ng speech sent at real-time pace.""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import os
 import sys
 import time
@@ -17,7 +19,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.utils import timezone
 
-from speech.audio import decode_audio, wav_bytes
+from speech.audio import decode_audio, float_to_pcm, wav_bytes
 from streaming import worker as worker_module
 from streaming.worker import StreamWorker
 from tenants.models import Role, UsageRecord
@@ -270,3 +272,54 @@ def test_worker_and_relay_sessions_speak_the_same_protocol(stream_worker, relay,
         assert all(later["start"] >= earlier["end"] - 0.05 for earlier, later in zip(finals, finals[1:], strict=False))
         usage = UsageRecord.objects.get(tenant=keys[backend].tenant, kind="stream")
         assert (usage.backend, usage.audio_duration_ms) == (backend, round(duration * 1000))
+
+
+@pytest.mark.parametrize("room", [2, 3])
+def test_realtime_commits_awaiting_the_worker_are_bounded_by_the_setting(stream_worker, settings, room):
+    """``SCAIECHO_REALTIME_MAX_PENDING_COMMITS``: on ``/oai/v1/realtime`` a commit whose transcript
+    the stream worker has not delivered yet waits in the session; with that many waiting, one more
+    closes the stream (4429), and with room for it every commit gets its transcript."""
+    wait_until_announced()
+    settings.SCAIECHO_REALTIME_MAX_PENDING_COMMITS = room
+    settings.SCAIECHO_STREAM_BURST_SECONDS = 600
+    key = issue(Role.TENANT_VIEWER, policy=("A", "A"))
+    speech = decode_audio(synth_speech("Good morning everyone.")).samples
+    positions = np.arange(round(speech.size * 24000 / 16000)) * 16000 / 24000
+    pcm = float_to_pcm(np.interp(positions, np.arange(speech.size), speech).astype(np.float32))
+    append = {"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm).decode()}
+    manual = {
+        "type": "session.update",
+        "session": {
+            "type": "transcription",
+            "audio": {"input": {"turn_detection": None, "transcription": {"model": "whisper-1", "language": "en"}}},
+        },
+    }
+
+    async def scenario():
+        async with Client(f"/oai/v1/realtime?token={key.secret}") as client:
+            await client.next_frame()
+            await client.send(manual)
+            await client.next_frame()
+            for _ in range(3):  # three commits at once: the worker has decoded none of them yet
+                await client.send(append)
+                await client.send({"type": "input_audio_buffer.commit"})
+            frames = []
+            while len([f for f in frames if f["type"].endswith("transcription.completed")]) < 3:
+                output = await client.ws.receive_output(timeout=60)
+                if output["type"] == "websocket.close":
+                    return frames, output.get("code", 1000)
+                frames.append(json.loads(output["text"]))
+            return frames, None
+
+    frames, code = run(scenario())
+    kinds = [frame["type"] for frame in frames]
+    if room == 2:
+        assert code == 4429, kinds
+        assert kinds.count("input_audio_buffer.committed") == 2
+        assert frames[-1]["type"] == "error"
+        assert frames[-1]["error"]["code"] == "RATE_LIMITED"
+        assert "2 commits and clears wait" in frames[-1]["error"]["message"]
+    else:
+        assert code is None, kinds
+        done = [frame for frame in frames if frame["type"].endswith("transcription.completed")]
+        assert [word_error_rate("good morning everyone", frame["transcript"]) <= 0.34 for frame in done] == [True] * 3
