@@ -27,7 +27,7 @@ from django.utils import timezone
 
 from scaiecho_site.metrics import WEBHOOK_DELIVERIES
 from tenants.selectors import webhook_secret_of
-from tenants.webhooks import destination_problem, signature
+from tenants.webhooks import destination_check, pinned_target, signature
 from transcription.models import TranscriptionJob, WebhookAttempt, WebhookDelivery
 from transcription.serializers import job_data
 
@@ -86,14 +86,17 @@ def delivery_attempt(*, delivery_id: Any) -> AttemptOutcome:
     started_at = timezone.now()
     started = time.monotonic()
     retryable = False
-    problem = destination_problem(delivery.url)
+    destination = destination_check(delivery.url)
     secret = webhook_secret_of(tenant_id=delivery.tenant_id)
-    if problem is not None:
-        answer = _Answer(error=f"destination refused: {problem}")
+    if destination.problem is not None:
+        answer = _Answer(error=f"destination refused: {destination.problem}")
     elif secret is None:
         answer = _Answer(error="the tenant has no webhook signing secret")
     else:
-        answer, retryable = _post(delivery=delivery, secret=secret)
+        answer, retryable = post_signed(
+            url=delivery.url, addresses=destination.addresses, message_id=delivery.message_id,
+            body=delivery.body.encode(), secret=secret,
+        )  # fmt: skip
     duration_ms = int((time.monotonic() - started) * 1000)
 
     delivered = answer.status_code is not None and 200 <= answer.status_code < 300
@@ -128,33 +131,49 @@ def delivery_attempt(*, delivery_id: Any) -> AttemptOutcome:
     return AttemptOutcome(status=delivery.status, retry_in=retry_in)
 
 
-def _post(*, delivery: WebhookDelivery, secret: str) -> tuple[_Answer, bool]:
-    """POST the delivery's body; the answer and whether a failure is worth another try. Redirects
+def post_signed(
+    *, url: str, addresses: tuple[str, ...], message_id: str, body: bytes, secret: str
+) -> tuple[_Answer, bool]:
+    """POST ``body`` signed for ``message_id``; the answer and whether a failure is worth another
+    try. With ``addresses`` (what the destination check resolved the host to) the call connects to
+    those, in order while a connection cannot be made, and never resolves the host again. Redirects
     are not followed and at most ``SCAIECHO_WEBHOOK_MAX_RESPONSE_BYTES`` of the answer are read,
     all within ``SCAIECHO_WEBHOOK_TIMEOUT_SECONDS``."""
-    body = delivery.body.encode()
     timestamp = int(time.time())
     headers = {
         "content-type": "application/json",
         "user-agent": USER_AGENT,
-        "webhook-id": delivery.message_id,
+        "webhook-id": message_id,
         "webhook-timestamp": str(timestamp),
-        "webhook-signature": signature(secret=secret, message_id=delivery.message_id, timestamp=timestamp, body=body),
+        "webhook-signature": signature(secret=secret, message_id=message_id, timestamp=timestamp, body=body),
     }
     limit = settings.SCAIECHO_WEBHOOK_MAX_RESPONSE_BYTES
     timeout_s = settings.SCAIECHO_WEBHOOK_TIMEOUT_SECONDS
     deadline = time.monotonic() + timeout_s
+    targets = [pinned_target(url, address) for address in addresses] or [(url, {}, {})]
+    answer = _Answer(error="no address to call")
     try:
-        with (
-            httpx.Client(timeout=timeout_s, follow_redirects=False) as client,
-            client.stream("POST", delivery.url, content=body, headers=headers) as response,
-        ):
-            received = bytearray()
-            for chunk in response.iter_bytes():
-                received += chunk
-                if len(received) >= limit or time.monotonic() > deadline:
-                    break  # enough to show; the rest of the answer does not matter
-            answer = _Answer(status_code=response.status_code, excerpt=received[:limit].decode("utf-8", "replace"))
+        with httpx.Client(timeout=timeout_s, follow_redirects=False) as client:
+            for index, (target, host, extensions) in enumerate(targets):
+                request = client.build_request(
+                    "POST", target, content=body, headers={**headers, **host}, extensions=extensions
+                )
+                try:
+                    response = client.send(request, stream=True)
+                except httpx.ConnectError:
+                    if index + 1 < len(targets) and time.monotonic() < deadline:
+                        continue  # nothing was sent: the host's next address
+                    raise
+                try:
+                    received = bytearray()
+                    for chunk in response.iter_bytes():
+                        received += chunk
+                        if len(received) >= limit or time.monotonic() > deadline:
+                            break  # enough to show; the rest of the answer does not matter
+                    answer = _Answer(status_code=response.status_code, excerpt=received[:limit].decode("utf-8", "replace"))
+                finally:
+                    response.close()
+                break
     except httpx.TimeoutException as exc:
         return _Answer(error=f"timed out after {timeout_s:g} s ({type(exc).__name__})"), True
     except httpx.TransportError as exc:

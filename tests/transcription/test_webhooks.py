@@ -24,6 +24,7 @@ from prometheus_client import REGISTRY
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from tenants.models import AuditEvent, Role, TenantPolicy
+from tenants.webhooks import destination_check, pinned_target
 from tests.factories import KeyFactory
 from tests.relay_server import DEFAULT_VERBOSE_JSON, RelayServer
 from tests.tenants.test_admin_scope import staff_user
@@ -34,7 +35,7 @@ from tests.workers import RELAY_KEY
 from transcription.failures import JobQueuedTooLong
 from transcription.models import TranscriptionJob, WebhookDelivery
 from transcription.services import job_fail, jobs_sweep
-from transcription.webhooks import delivery_attempt
+from transcription.webhooks import delivery_attempt, post_signed
 
 SECRET_URL = "/v1/modules/scaiecho/webhook-secret"
 POLICY_URL = "/v1/modules/scaiecho/tenant-policy"
@@ -391,3 +392,43 @@ def test_the_admin_shows_each_attempt_to_the_tenants_staff_only(api, client, rec
     client.force_login(staff_user("other-staff", tenants=[KeyFactory.issue().tenant]))
     assert client.get(page_url).status_code == 404
     assert delivery.message_id not in client.get("/admin/transcription/webhookdelivery/").content.decode()
+
+
+# --- DNS rebinding: a delivery calls the addresses its check found -----------------------------
+
+
+def test_a_delivery_connects_to_the_checked_addresses_without_resolving_the_host_again(receiver, settings):
+    # Given a destination host that no resolver knows (.invalid, RFC 2606), checked earlier to be at
+    # two addresses: the first refuses connections, the second is the receiver
+    port = receiver.url.split(":")[2].split("/")[0]
+    url = f"http://hooks.scaiecho.invalid:{port}/hooks/scaiecho"
+    secret = "whsec_" + "A" * 43 + "="
+    # When the delivery is posted to the checked addresses
+    answer, retryable = post_signed(
+        url=url, addresses=("127.0.0.2", "127.0.0.1"), message_id="msg_1", body=b'{"a": 1}', secret=secret
+    )
+    # Then it reached the receiver, by the second address, under the URL's own host and path
+    assert (answer.status_code, answer.error, retryable) == (200, "", False)
+    [received] = receiver.received
+    assert received.headers["host"] == f"hooks.scaiecho.invalid:{port}"
+    assert received.headers["webhook-id"] == "msg_1"
+    assert received.body == b'{"a": 1}'
+    # And without the checked addresses the same URL cannot be called at all: the name does not resolve
+    unpinned, retryable = post_signed(url=url, addresses=(), message_id="msg_2", body=b"{}", secret=secret)
+    assert unpinned.status_code is None
+    assert "connection failed" in unpinned.error
+    assert len(receiver.received) == 1
+
+
+def test_the_check_keeps_the_public_addresses_it_found_and_https_keeps_its_host_name(settings):
+    settings.SCAIECHO_WEBHOOK_ALLOW_PRIVATE = False
+    checked = destination_check("https://93.184.216.34:8443/hook?x=1")
+    assert (checked.problem, checked.addresses) == (None, ("93.184.216.34",))
+    assert destination_check("http://127.0.0.1/hook").addresses == ()
+    target, host, extensions = pinned_target("https://hooks.example.com:8443/a/b?x=1", "2606:2800:220:1::1")
+    assert target == "https://[2606:2800:220:1::1]:8443/a/b?x=1"
+    assert host == {"host": "hooks.example.com:8443"}
+    assert extensions == {"sni_hostname": "hooks.example.com"}  # TLS names and verifies the URL's host
+    assert pinned_target("http://hooks.example.com/a", "93.184.216.34") == (
+        "http://93.184.216.34/a", {"host": "hooks.example.com"}, {}
+    )
