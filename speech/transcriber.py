@@ -54,6 +54,13 @@ LOST_RUN_WORDS = 3
 # A split of the span must keep at least this share of the new decode's words too: a cut inside a
 # sentence loses the sentence's head from both halves.
 SPLIT_KEEPS = 0.8
+# ... or all of them but this many that Whisper gave a probability below SPARE_WORD_PROBABILITY: it
+# answered "Rear, less." (0.55, 0.00) for "Rear. Lash. Change to Witch." in an overlap, and "Last,
+# four, queen of" (0.02 for "Last,") for "La change to which folder? | 4. Queen of"; a garbled
+# partial that a new decode corrects ("Eighth and two" -> "Agent logged off.", 0.31 for "Agent")
+# still stands corrected.
+SPLIT_SPARE_WORDS = 1
+SPARE_WORD_PROBABILITY = 0.1
 
 # A cut after confirmed words goes on to the VAD's pause within this long after the last one's end
 # (Whisper's word times end early: "Hello." ended 0.25 s before the speaker stopped), but not past
@@ -68,10 +75,14 @@ GAP_WORD_SLACK_SECONDS = 0.2
 # Uncovered speech either side of a pause shorter than this is one run: a short turn ("front
 # left") is two words with a pause between them, each shorter than GAP_CHECK_SECONDS.
 GAP_BRIDGE_SECONDS = 0.3
+# A word the gap's decode hears within this of the same word in the decode it mends is that word.
+GAP_SAME_WORD_SECONDS = 0.1
 
 # A repeated last word shorter than this, by the word times of a fresh decode, is an echo (see
 # ``StreamSession._without_echo``).
 ECHO_WORD_SECONDS = 0.1
+# ... or shorter than this share of the words it repeats: "left left" timed 0.30 s then 0.14 s.
+ECHO_SHARE = 0.5
 
 # Whisper's well-known inventions for silence, music and noise (its training data's subtitles).
 HALLUCINATIONS = (
@@ -112,8 +123,16 @@ class Delta:
 # --- the session ---------------------------------------------------------------------------------
 
 
+# Whisper writes a small number as a word in one decode and as digits in the next ("four", "4").
+_NUMBER_WORDS = {
+    name: str(value) for value, name in enumerate("zero one two three four five six seven eight nine ten".split())
+}
+
+
 def _key(word: str) -> str:
-    return re.sub(r"[^\w']", "", word.lower())
+    """A word as decodes are compared: lower case, without punctuation, small numbers as digits."""
+    key = re.sub(r"[^\w']", "", word.lower())
+    return _NUMBER_WORDS.get(key, key)
 
 
 def _trailing_repeat(words: list[Word]) -> int:
@@ -147,6 +166,23 @@ def _kept(previous: list[Word], words: list[Word]) -> float:
     return sum(block.size for block in _alignment(previous, words).get_matching_blocks()) / len(previous)
 
 
+def _keeps_enough(words: list[Word], split: list[Word]) -> bool:
+    """Whether ``split`` (two decodes of a span's halves) holds ``SPLIT_KEEPS`` of ``words`` (one
+    decode of the whole), or all but ``SPLIT_SPARE_WORDS`` that Whisper itself barely believed."""
+    alignment = _alignment(words, split)
+    held = [False] * len(words)
+    for block in alignment.get_matching_blocks():
+        held[block.a : block.a + block.size] = [True] * block.size
+    if sum(held) >= SPLIT_KEEPS * len(words):
+        return True
+    unheld = [word for word, kept in zip(words, held, strict=True) if not kept]
+    return (
+        len(unheld) <= SPLIT_SPARE_WORDS
+        and any(held)
+        and all(w.probability is not None and w.probability < SPARE_WORD_PROBABILITY for w in unheld)
+    )
+
+
 def _drops(previous: list[Word], words: list[Word]) -> bool:
     """Whether ``words`` drops ``previous``'s: keeps under half of them, or leaves out
     ``LOST_RUN_WORDS`` of them in a row with nothing in their place (one alignment for both)."""
@@ -174,6 +210,8 @@ def _cut_repetition(text: str) -> str:
 class _Hypothesis:
     words: list[Word]
     confidence: float | None
+    # Words of speech the decode left out, heard in a decode of their own (``_fill_gaps``).
+    filled: bool = False
 
 
 @dataclass
@@ -463,7 +501,8 @@ class StreamSession:
         is a final and the second side the new partial. Failing that, the previous partial itself
         is the final of the audio it was decoded from (its last word may be cut short there), and
         the rest is decoded on its own. Either split must also keep ``SPLIT_KEEPS`` of the new
-        decode's words: a cut inside the new decode's sentence loses its head from both sides.
+        decode's words, or all but one it barely believed (``_keeps_enough``): a cut inside the
+        new decode's sentence loses its head from both sides.
         ``None``: neither holds more than the new decode, which then heard the span afresh (a
         garbled partial corrected) and stands."""
         audio = self._audio()
@@ -473,11 +512,11 @@ class StreamSession:
             if _kept(previous, head.words) >= 0.5:
                 tail = self._decode_checked(audio[cut:], word_timestamps=want_times)
                 both = head.words + tail.words
-                if len(both) > len(hyp.words) and _kept(hyp.words, both) >= SPLIT_KEEPS:
+                if len(both) > len(hyp.words) and _keeps_enough(hyp.words, both):
                     return self._split_span(head, cut), tail
         tail = self._decode_checked(audio[heard_len:], word_timestamps=want_times)
         both = previous + tail.words
-        if len(both) <= len(hyp.words) or _kept(hyp.words, both) < SPLIT_KEEPS or _says_twice(previous):
+        if len(both) <= len(hyp.words) or not _keeps_enough(hyp.words, both) or _says_twice(previous):
             return None  # a partial that says a phrase twice was a loop, which the new decode mended
         return self._split_span(_Hypothesis(list(previous), None), heard_len), tail
 
@@ -620,7 +659,7 @@ class StreamSession:
                 hyp = self._decode_final(audio)
             else:
                 hyp = self._fill_gaps(audio, hyp)
-            delta = self._final(hyp.words, self._span_start + audio.size, hyp.confidence)
+            delta = self._final(hyp.words, self._span_start + audio.size, hyp.confidence, echo_check=not hyp.filled)
             if delta:
                 deltas.append(delta)
         self._in_speech = False
@@ -666,19 +705,25 @@ class StreamSession:
         """Whisper, given two voices in one span, now and then answers with one of them only ("Ten
         of clubs." for five seconds of a reader and then that). Each run of at least
         ``GAP_CHECK_SECONDS`` of speech (by the VAD) that no word of ``hyp`` covers is decoded on
-        its own, and its words join the hypothesis in time order; a word heard already within a
-        second of the same place is not added twice."""
+        its own, and its words join the hypothesis in time order. A word whose time overlaps the
+        same word's in ``hyp`` (widened by ``GAP_SAME_WORD_SECONDS``: the decode's padding holds
+        the edge of its neighbours) is that word heard again, not added twice; anywhere else it is
+        said once more ("No." for a speaker's "No. No." that Whisper answered "No,")."""
         words = list(hyp.words)
-        for first, last in self._uncovered(words, audio.size):
-            first, last = max(0, first - self.pad), min(audio.size, last + self.pad)
+        for run_first, run_last in self._uncovered(words, audio.size):
+            first, last = max(0, run_first - self.pad), min(audio.size, run_last + self.pad)
             shift = first / SAMPLE_RATE
             for word in self._decode(audio[first:last], word_timestamps=True, use_prompt=False).words:
                 placed = Word(start=word.start + shift, end=word.end + shift, word=word.word)
-                if not any(_key(w.word) == _key(placed.word) and abs(w.start - placed.start) < 1.0 for w in words):
+                widen = GAP_SAME_WORD_SECONDS
+                if not any(
+                    _key(w.word) == _key(placed.word) and w.start - widen < placed.end and placed.start < w.end + widen
+                    for w in words
+                ):
                     words.append(placed)
         if len(words) == len(hyp.words):
             return hyp
-        return _Hypothesis(sorted(words, key=lambda w: w.start), hyp.confidence)
+        return _Hypothesis(sorted(words, key=lambda w: w.start), hyp.confidence, filled=True)
 
     def _uncovered(self, words: list[Word], size: int) -> list[tuple[int, int]]:
         """Runs (span samples) of VAD speech frames within the first ``size`` samples, at least
@@ -715,7 +760,8 @@ class StreamSession:
         you. Thank you.") where the speech holds it once: Whisper, decoding a short span, often
         says its last words twice. The span up to ``end_sample`` is decoded again with word times;
         the repeat is dropped when that decode does not repeat them, or squeezes the copy into
-        less than ``ECHO_WORD_SECONDS`` a word (real speech that says it twice takes the time to)."""
+        less than ``ECHO_WORD_SECONDS`` a word or ``ECHO_SHARE`` of the time of the words it
+        repeats (real speech that says it twice takes the time to)."""
         count = _trailing_repeat(words)
         if not count:
             return words
@@ -725,11 +771,17 @@ class StreamSession:
             return words[:-count]
         if len({(word.start, word.end) for word in timed}) == 1:
             return words  # one span for every word (a relay without word times): nothing to judge by
-        copy = timed[-count:]
-        return words[:-count] if copy[-1].end - copy[0].start < ECHO_WORD_SECONDS * count else words
+        copy, original = timed[-count:], timed[-2 * count : -count]
+        squeezed = max(ECHO_WORD_SECONDS * count, ECHO_SHARE * (original[-1].end - original[0].start))
+        return words[:-count] if copy[-1].end - copy[0].start < squeezed else words
 
-    def _final(self, words: list[Word], end_sample: int, confidence: float | None) -> Delta | None:
-        words = self._without_echo(words, end_sample)
+    def _final(
+        self, words: list[Word], end_sample: int, confidence: float | None, *, echo_check: bool = True
+    ) -> Delta | None:
+        """The final of ``words`` up to ``end_sample``; ``echo_check`` false: a repeat at its end was
+        heard in speech of its own (``_fill_gaps``), not said twice by one decode."""
+        if echo_check:
+            words = self._without_echo(words, end_sample)
         text = " ".join(w.word for w in words).strip()
         if not text:
             return None
