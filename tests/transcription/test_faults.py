@@ -156,7 +156,10 @@ def test_a_job_whose_worker_vanished_is_finished_by_a_live_worker(api, speech_wo
     job.audio_bytes = len(wav)
     job.save(update_fields=["staged_path", "audio_bytes"])
 
-    assert jobs_sweep()["requeued"] == 1
+    requeued = jobs_sweep()["requeued"]
+    job.refresh_from_db()
+    # Put back by this sweep, or already by the live worker's own periodic one (its heartbeat sweeps).
+    assert requeued == 1 or job.worker_id != "vanished@host#4242", (requeued, job.status, job.worker_id)
 
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
