@@ -710,8 +710,8 @@ class StreamSession:
         the edge of its neighbours) is that word heard again, not added twice; anywhere else it is
         said once more ("No." for a speaker's "No. No." that Whisper answered "No,")."""
         words = list(hyp.words)
-        for run_first, run_last in self._uncovered(words, audio.size):
-            first, last = max(0, run_first - self.pad), min(audio.size, run_last + self.pad)
+        for first, last in self._uncovered(words, audio.size):
+            first, last = max(0, first - self.pad), min(audio.size, last + self.pad)
             shift = first / SAMPLE_RATE
             for word in self._decode(audio[first:last], word_timestamps=True, use_prompt=False).words:
                 placed = Word(start=word.start + shift, end=word.end + shift, word=word.word)

@@ -35,11 +35,10 @@ SECRET_BYTES = 32
 
 @dataclass(frozen=True)
 class Destination:
-    """A checked destination: ``problem`` says why ``url`` may not receive webhooks (``None``: it
+    """A checked destination: ``problem`` says why the URL may not receive webhooks (``None``: it
     may), and ``addresses`` are what its host resolved to when checked, in the resolver's order
     (empty with ``SCAIECHO_WEBHOOK_ALLOW_PRIVATE``, where nothing is checked or pinned)."""
 
-    url: str
     problem: str | None
     addresses: tuple[str, ...] = ()
 
@@ -47,25 +46,25 @@ class Destination:
 def destination_check(url: str) -> Destination:
     """Check ``url`` as a webhook destination. Resolves the host (DNS) unless private ones are allowed."""
     if len(url) > settings.SCAIECHO_WEBHOOK_MAX_URL_LENGTH:
-        return Destination(url, f"Must be at most {settings.SCAIECHO_WEBHOOK_MAX_URL_LENGTH} characters.")
+        return Destination(f"Must be at most {settings.SCAIECHO_WEBHOOK_MAX_URL_LENGTH} characters.")
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError:
-        return Destination(url, "Not a valid URL.")
+        return Destination("Not a valid URL.")
     if parts.scheme not in ("http", "https"):
-        return Destination(url, "Must be an http or https URL.")
+        return Destination("Must be an http or https URL.")
     host = parts.hostname
     if not host:
-        return Destination(url, "The URL has no host.")
+        return Destination("The URL has no host.")
     if parts.username is not None or parts.password is not None:
-        return Destination(url, "Credentials in the URL are not accepted; authenticate with the signature.")
+        return Destination("Credentials in the URL are not accepted; authenticate with the signature.")
     if settings.SCAIECHO_WEBHOOK_ALLOW_PRIVATE:
-        return Destination(url, None)
+        return Destination(None)
     try:
         infos = socket.getaddrinfo(host, port or (443 if parts.scheme == "https" else 80), type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):
-        return Destination(url, f"The host {host!r} does not resolve.")
+        return Destination(f"The host {host!r} does not resolve.")
     addresses: list[str] = []
     for info in infos:
         address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
@@ -73,12 +72,11 @@ def destination_check(url: str) -> Destination:
             address = address.ipv4_mapped
         if not address.is_global or address.is_multicast:
             return Destination(
-                url,
                 f"The host {host!r} is a private, loopback or otherwise non-public address; webhooks go to public addresses only.",
             )
         if str(address) not in addresses:
             addresses.append(str(address))
-    return Destination(url, None, tuple(addresses))
+    return Destination(None, tuple(addresses))
 
 
 def destination_problem(url: str) -> str | None:

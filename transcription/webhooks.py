@@ -131,6 +131,34 @@ def delivery_attempt(*, delivery_id: Any) -> AttemptOutcome:
     return AttemptOutcome(status=delivery.status, retry_in=retry_in)
 
 
+def _connect(
+    client: httpx.Client,
+    targets: list[tuple[str, dict[str, str], dict[str, str]]],
+    *,
+    content: bytes,
+    headers: dict[str, str],
+    deadline: float,
+) -> httpx.Response:
+    """The streamed response of the first target that takes the connection (the host's next
+    address only while nothing was sent and time is left); each try gets only what is left of the
+    attempt's time, so all of them stay within ``deadline``."""
+
+    def request(target: str, host: dict[str, str], extensions: dict[str, str]) -> httpx.Request:
+        left = max(0.1, deadline - time.monotonic())
+        return client.build_request(
+            "POST", target, content=content, headers={**headers, **host}, extensions=extensions, timeout=left
+        )
+
+    *earlier, last = targets
+    for target in earlier:
+        try:
+            return client.send(request(*target), stream=True)
+        except httpx.ConnectError:
+            if time.monotonic() >= deadline:
+                raise
+    return client.send(request(*last), stream=True)
+
+
 def post_signed(
     *, url: str, addresses: tuple[str, ...], message_id: str, body: bytes, secret: str
 ) -> tuple[_Answer, bool]:
@@ -151,29 +179,18 @@ def post_signed(
     timeout_s = settings.SCAIECHO_WEBHOOK_TIMEOUT_SECONDS
     deadline = time.monotonic() + timeout_s
     targets = [pinned_target(url, address) for address in addresses] or [(url, {}, {})]
-    answer = _Answer(error="no address to call")
     try:
         with httpx.Client(timeout=timeout_s, follow_redirects=False) as client:
-            for index, (target, host, extensions) in enumerate(targets):
-                request = client.build_request(
-                    "POST", target, content=body, headers={**headers, **host}, extensions=extensions
-                )
-                try:
-                    response = client.send(request, stream=True)
-                except httpx.ConnectError:
-                    if index + 1 < len(targets) and time.monotonic() < deadline:
-                        continue  # nothing was sent: the host's next address
-                    raise
-                try:
-                    received = bytearray()
-                    for chunk in response.iter_bytes():
-                        received += chunk
-                        if len(received) >= limit or time.monotonic() > deadline:
-                            break  # enough to show; the rest of the answer does not matter
-                    answer = _Answer(status_code=response.status_code, excerpt=received[:limit].decode("utf-8", "replace"))
-                finally:
-                    response.close()
-                break
+            response = _connect(client, targets, content=body, headers=headers, deadline=deadline)
+            try:
+                received = bytearray()
+                for chunk in response.iter_bytes():
+                    received += chunk
+                    if len(received) >= limit or time.monotonic() > deadline:
+                        break  # enough to show; the rest of the answer does not matter
+                answer = _Answer(status_code=response.status_code, excerpt=received[:limit].decode("utf-8", "replace"))
+            finally:
+                response.close()
     except httpx.TimeoutException as exc:
         return _Answer(error=f"timed out after {timeout_s:g} s ({type(exc).__name__})"), True
     except httpx.TransportError as exc:
