@@ -6,6 +6,7 @@ embedding or a recording: the output serializers name every field they show.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from django.conf import settings
@@ -41,6 +42,16 @@ SPEAKER_PATCH_SCHEMA = {
     "additionalProperties": False,
 }
 
+
+
+class WholeNumber(serializers.IntegerField):
+    """An integer written as one: DRF's ``IntegerField`` also takes "0.0" and "1.0", which the
+    schema (type integer) does not allow."""
+
+    def to_internal_value(self, data: Any) -> int:
+        if isinstance(data, str) and not re.fullmatch(r"[+-]?\d+", data.strip()):
+            self.fail("invalid")
+        return super().to_internal_value(data)
 
 class SpeakerOutput(serializers.Serializer):
     id = serializers.CharField()
@@ -118,9 +129,9 @@ class SpeakerListApi(TenantApiView):
             ref_name = "SpeakerEnrollInput"
 
     class PageSerializer(serializers.Serializer):
-        limit = serializers.IntegerField(min_value=1, max_value=200, default=50)
+        limit = WholeNumber(min_value=1, max_value=200, default=50)
         # Bounded so that offset + limit stays a PostgreSQL bigint (a larger one was a 500).
-        offset = serializers.IntegerField(min_value=0, max_value=MAX_OFFSET, default=0)
+        offset = WholeNumber(min_value=0, max_value=MAX_OFFSET, default=0)
         status = serializers.ChoiceField(choices=Speaker.Status.choices, required=False)
 
         def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:

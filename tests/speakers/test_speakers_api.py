@@ -178,6 +178,8 @@ def test_list_is_paginated_and_tenant_scoped(api, enroller):
         ({"offset": "1000000001"}, "offset"),
         ({"status": ""}, "status"),
         ({"limit": ""}, "limit"),
+        ({"offset": "0.0"}, "offset"),  # DRF's IntegerField took it as 0; the schema says integer
+        ({"limit": "2.0"}, "limit"),
     ],
 )
 def test_list_parameters_out_of_range_or_blank_are_refused(api, enroller, query, field):
