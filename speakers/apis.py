@@ -6,7 +6,6 @@ embedding or a recording: the output serializers name every field they show.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from django.conf import settings
@@ -17,6 +16,7 @@ from rest_framework.response import Response
 
 from scaiecho_site import errors
 from scaiecho_site.envelope import ok
+from scaiecho_site.fields import WholeNumber
 from scaiecho_site.schema import responses
 from speakers.models import Speaker
 from speakers.selectors import speaker_of_tenant, speakers_of_tenant
@@ -42,16 +42,6 @@ SPEAKER_PATCH_SCHEMA = {
     "additionalProperties": False,
 }
 
-
-
-class WholeNumber(serializers.IntegerField):
-    """An integer written as one: DRF's ``IntegerField`` also takes "0.0" and "1.0", which the
-    schema (type integer) does not allow."""
-
-    def to_internal_value(self, data: Any) -> int:
-        if isinstance(data, str) and not re.fullmatch(r"[+-]?\d+", data.strip()):
-            self.fail("invalid")
-        return super().to_internal_value(data)
 
 class SpeakerOutput(serializers.Serializer):
     id = serializers.CharField()

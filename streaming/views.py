@@ -19,6 +19,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from scaiecho_site.envelope import ok
+from scaiecho_site.fields import WholeNumber
 from scaiecho_site.schema import responses
 from speech.audio import SAMPLE_RATE
 from streaming.tokens import CaptionTokenAuthentication, caption_token_issue, caption_token_ttl
@@ -52,7 +53,7 @@ class CaptionTokenApi(TenantApiView):
     audit_action = "caption_token.issue"
 
     class InputSerializer(serializers.Serializer):
-        ttl_seconds = serializers.IntegerField(required=False, min_value=1)
+        ttl_seconds = WholeNumber(required=False, min_value=1)
 
         class Meta:
             ref_name = "CaptionTokenInput"
@@ -60,7 +61,7 @@ class CaptionTokenApi(TenantApiView):
         def get_fields(self) -> dict[str, serializers.Field]:
             # The cap is a setting: read it per instance, so the schema states it as the validation does.
             fields = super().get_fields()
-            fields["ttl_seconds"] = serializers.IntegerField(
+            fields["ttl_seconds"] = WholeNumber(
                 required=False, min_value=1, max_value=settings.SCAIECHO_CAPTION_TOKEN_MAX_TTL_SECONDS
             )
             return fields

@@ -19,6 +19,7 @@ from rest_framework.response import Response
 
 from scaiecho_site import errors
 from scaiecho_site.envelope import ok
+from scaiecho_site.fields import WholeNumber
 from scaiecho_site.schema import ErrorEnvelope, error_responses, responses
 from speakers.selectors import unknown_speaker_ids
 from speech.audio import probe_audio
@@ -174,9 +175,9 @@ class SpeakerCountInput(serializers.Serializer):
     """How many speakers a diarized recording has, when the client knows: exactly
     (``num_speakers``) or bounded (``min_speakers``/``max_speakers``), as pyannote and whisperX take."""
 
-    num_speakers = serializers.IntegerField(min_value=1, max_value=20, required=False)
-    min_speakers = serializers.IntegerField(min_value=1, max_value=20, required=False)
-    max_speakers = serializers.IntegerField(min_value=1, max_value=20, required=False)
+    num_speakers = WholeNumber(min_value=1, max_value=20, required=False)
+    min_speakers = WholeNumber(min_value=1, max_value=20, required=False)
+    max_speakers = WholeNumber(min_value=1, max_value=20, required=False)
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         attrs = super().validate(attrs)

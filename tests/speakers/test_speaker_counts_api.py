@@ -27,6 +27,8 @@ def form(**fields):
         ({"diarize": "true", "num_speakers": "21"}, "num_speakers"),
         ({"diarize": "true", "max_speakers": "0"}, "max_speakers"),
         ({"num_speakers": "2"}, "num_speakers"),  # without diarization
+        ({"diarize": "true", "num_speakers": "2.0"}, "num_speakers"),  # DRF's IntegerField took it as 2
+        ({"diarize": "true", "min_speakers": "1.0", "max_speakers": "3"}, "min_speakers"),
     ],
 )
 def test_bad_speaker_counts_are_422_with_the_field(api, admin_key, fields, field):

@@ -244,6 +244,16 @@ def test_a_caption_token_longer_than_the_maximum_is_refused(api, settings):
 
 
 @pytest.mark.django_db
+def test_a_caption_token_lifetime_must_be_a_whole_number(api):
+    key = KeyFactory.issue(role=Role.TENANT_VIEWER)
+    for ttl in ("30.0", "30.5", "thirty"):
+        response = api.post("/captions/token", {"ttl_seconds": ttl}, format="json", headers=key.headers)
+        assert response.status_code == 422, (ttl, response.content)
+        assert response.json()["error"]["details"][0]["field"] == "ttl_seconds"
+    assert api.post("/captions/token", {"ttl_seconds": 30}, format="json", headers=key.headers).status_code == 200
+
+
+@pytest.mark.django_db
 def test_a_key_without_transcribe_gets_no_caption_token(api):
     key = KeyFactory.issue(role=Role.TENANT_USER)
     response = api.post("/captions/token", {}, format="json", headers=key.headers)
