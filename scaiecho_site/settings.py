@@ -545,6 +545,11 @@ SCAIECHO_WEBHOOK_TIMEOUT_SECONDS = env_float("SCAIECHO_WEBHOOK_TIMEOUT_SECONDS",
 SCAIECHO_WEBHOOK_MAX_ATTEMPTS = env_int("SCAIECHO_WEBHOOK_MAX_ATTEMPTS", 6)
 SCAIECHO_WEBHOOK_RETRY_BASE_SECONDS = env_float("SCAIECHO_WEBHOOK_RETRY_BASE_SECONDS", 10.0)
 SCAIECHO_WEBHOOK_RETRY_MAX_SECONDS = env_float("SCAIECHO_WEBHOOK_RETRY_MAX_SECONDS", 3600.0)
+# Deliveries have a Celery queue of their own, served by a light worker of threads (scripts/run
+# starts one): a receiver that hangs holds a webhook thread for up to the timeout above, never a
+# speech worker. A worker that consumes only this queue loads no model and is no speech worker.
+SCAIECHO_WEBHOOK_QUEUE = env_str("SCAIECHO_WEBHOOK_QUEUE", "webhooks")
+CELERY_TASK_ROUTES = {"transcription.deliver_webhook": {"queue": SCAIECHO_WEBHOOK_QUEUE}}
 # How much of a receiver's answer is read (and kept on the attempt, for the admin); the rest is dropped.
 SCAIECHO_WEBHOOK_MAX_RESPONSE_BYTES = env_int("SCAIECHO_WEBHOOK_MAX_RESPONSE_BYTES", 4096)
 # Fernet keys (comma-separated, newest first) that encrypt the tenants' webhook signing secrets at

@@ -21,6 +21,8 @@ from tests.workers import (  # noqa: F401  (fixtures shared by the end-to-end te
     no_worker_alive,
     relay,
     speech_worker,
+    webhook_worker,
+    webhook_worker_process,
     worker_env,
     worker_process,
 )

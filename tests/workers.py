@@ -43,11 +43,16 @@ def database_url_for_workers() -> str:
 class WorkerProcess(ManagedProcess):
     """``celery -A scaiecho_site worker`` as an operator starts it, with a few settings for tests."""
 
-    def __init__(self, *, name: str, env: dict[str, str], log_path: Path, queue: str = "celery", concurrency: int = 2) -> None:
+    def __init__(
+        self, *, name: str, env: dict[str, str], log_path: Path, queue: str = "celery", concurrency: int = 2, pool: str = "prefork"
+    ) -> None:
         self.name = name
         self.node = f"{name}@{os.uname().nodename}"
         super().__init__(
-            command=[CELERY, "-A", "scaiecho_site", "worker", "-n", self.node, "-Q", queue, f"--concurrency={concurrency}", "--loglevel=INFO"],
+            command=[
+                CELERY, "-A", "scaiecho_site", "worker", "-n", self.node, "-Q", queue,
+                f"--pool={pool}", f"--concurrency={concurrency}", "--loglevel=INFO",
+            ],
             env=env,
             log_path=log_path,
         )
@@ -99,6 +104,25 @@ def worker_process(worker_env: dict[str, str], tmp_path_factory: pytest.TempPath
         yield worker
     finally:
         worker.stop()
+
+
+@pytest.fixture(scope="session")
+def webhook_worker_process(worker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
+    """The webhook worker as ``scripts/run`` starts it: the webhook queue only, in threads."""
+    log_dir = tmp_path_factory.mktemp("webhook-worker")
+    worker = WorkerProcess(
+        name="webhooks", env=worker_env, log_path=log_dir / "worker.log", queue=settings.SCAIECHO_WEBHOOK_QUEUE, concurrency=4, pool="threads"
+    )
+    try:
+        worker.wait_ready()
+        yield worker
+    finally:
+        worker.stop()
+
+
+@pytest.fixture
+def webhook_worker(webhook_worker_process: WorkerProcess, transactional_db: None) -> WorkerProcess:
+    return webhook_worker_process
 
 
 @pytest.fixture

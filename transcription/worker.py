@@ -4,6 +4,9 @@
   knows Backend A is available, retires it on a clean shutdown, and sweeps jobs whose worker
   vanished.
 - Each pool process loads the Whisper model once, at start, so the first job does not pay for it.
+
+A worker that consumes only the webhook queue (``SCAIECHO_WEBHOOK_QUEUE``) does neither: it runs
+no speech work, so it must not count as Backend A, and it needs no model.
 """
 
 from __future__ import annotations
@@ -43,9 +46,17 @@ def _beat(worker_id: str) -> None:
         _stop.wait(interval)
 
 
+def serves_speech(app: Any) -> bool:
+    """Whether this worker consumes a queue other than the webhook queue."""
+    return set(app.amqp.queues.consume_from) != {settings.SCAIECHO_WEBHOOK_QUEUE}
+
+
 @worker_ready.connect
 def announce_worker(sender: Any = None, **_kwargs: Any) -> None:
     global _worker_id
+    if not serves_speech(sender.app):
+        logger.info("webhook worker %s ready (no speech work, no model)", sender.hostname)
+        return
     _worker_id = sender.hostname
     threading.Thread(target=_beat, args=(_worker_id,), name="scaiecho-heartbeat", daemon=True).start()
     logger.info("speech worker %s announced", _worker_id)
@@ -63,7 +74,9 @@ def retire_worker(**_kwargs: Any) -> None:
 
 @worker_process_init.connect
 def preload_model(**_kwargs: Any) -> None:
-    if not settings.SCAIECHO_WHISPER_PRELOAD:
+    from celery import current_app
+
+    if not settings.SCAIECHO_WHISPER_PRELOAD or not serves_speech(current_app):
         return
     from scaiecho_site.engines import whisper_engine
 

@@ -1,6 +1,7 @@
 """``scripts/run`` as an operator uses it (issue 11, point 6): stopping it ends every process it
 started within 10 s, even with a job running, and the job cut short is handed back: the next start
-finishes it, billed once."""
+finishes it, billed once, and its webhook reaches the receiver through the webhook worker that
+``scripts/run`` starts beside the speech worker."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from standardwebhooks import Webhook
 
 from tests.tenants.test_startup import PYTHON, ROOT, clean_env, free_port
+from tests.transcription.test_webhooks import WebhookReceiver
 from tests.voices import synth_speech, word_error_rate
 
 pytestmark = pytest.mark.slow
@@ -88,7 +91,8 @@ class RunScript:
 def test_stopping_scripts_run_ends_every_process_within_10_s_and_hands_back_the_job(tmp_path):
     env = {k: v for k, v in clean_env(tmp_path).items() if not k.startswith("CELERY_")}
     port = free_port()
-    env.update(HOST="127.0.0.1", PORT=str(port))
+    # The receiver listens on 127.0.0.1, which a production destination check refuses.
+    env.update(HOST="127.0.0.1", PORT=str(port), SCAIECHO_WEBHOOK_ALLOW_PRIVATE="true")
     base = f"http://127.0.0.1:{port}"
     subprocess.run([PYTHON, "manage.py", "migrate", "--noinput", "-v", "0"], cwd=ROOT, env=env, check=True, timeout=300)
     key = subprocess.run(
@@ -98,12 +102,16 @@ def test_stopping_scripts_run_ends_every_process_within_10_s_and_hands_back_the_
     headers = {"Authorization": f"Bearer {key}"}
     api = f"{base}/v1/modules/scaiecho"
 
+    receiver = WebhookReceiver()
+
     first = RunScript(env, tmp_path / "run1.log")
     try:
         first.wait_healthy(base)
+        secret = httpx.post(f"{api}/webhook-secret", headers=headers, timeout=30).json()["data"]["secret"]
         created = httpx.post(
             f"{api}/transcribe", headers=headers, timeout=60,
-            files={"file": ("talk.wav", synth_speech(SPOKEN))}, data={"force_async": "true", "backend_preference": "prefer_self_hosted"},
+            files={"file": ("talk.wav", synth_speech(SPOKEN))},
+            data={"force_async": "true", "backend_preference": "prefer_self_hosted", "webhook_url": receiver.url},
         )
         assert created.status_code == 202, created.text
         job_id = created.json()["data"]["job_id"]
@@ -133,6 +141,10 @@ def test_stopping_scripts_run_ends_every_process_within_10_s_and_hands_back_the_
         with sqlite3.connect(tmp_path / "var" / "db.sqlite3") as db:
             (billed,) = db.execute("SELECT COUNT(*) FROM tenants_usagerecord WHERE reference = ?", (job_id,)).fetchone()
         assert billed == 1
+        call = receiver.wait_for(1, timeout=60)[0]
+        payload = Webhook(secret).verify(call.body, call.headers)
+        assert (payload["type"], payload["data"]["job_id"]) == ("transcription.completed", job_id)
         assert second.terminate_group() <= 10.0
     finally:
         second.kill()
+        receiver.stop()

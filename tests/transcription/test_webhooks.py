@@ -2,13 +2,15 @@
 
 The receiver answers as each test scripts it (a status code, or hanging past the delivery
 timeout); signatures are checked with the Standard Webhooks reference library, not with our own
-code. The end-to-end tests run the session's Celery worker, whose environment (tests/workers.py)
-allows private destinations and keeps the backoff short: 1 s per attempt, 0.2 s then 0.4 s
+code. The end-to-end tests run the session's Celery workers (a speech worker and, as scripts/run
+starts it, a webhook worker on the webhook queue), whose environment (tests/workers.py) allows
+private destinations and keeps the backoff short: 1 s per attempt, 0.2 s then 0.4 s
 between attempts, 3 attempts. The others call what the delivery task calls, in this process.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -33,7 +35,7 @@ from tests.transcription.test_batch_api import TRANSCRIBE_URL, job_url, key_with
 from tests.voices import synth_speech
 from tests.workers import RELAY_KEY
 from transcription.failures import JobQueuedTooLong
-from transcription.models import TranscriptionJob, WebhookDelivery
+from transcription.models import SpeechWorker, TranscriptionJob, WebhookDelivery
 from transcription.services import job_fail, jobs_sweep
 from transcription.webhooks import delivery_attempt, post_signed
 
@@ -159,7 +161,7 @@ def finished_job(key: Any, *, webhook_url: str) -> TranscriptionJob:
 
 
 @pytest.mark.slow
-def test_a_completed_job_posts_its_signed_result_to_the_webhook_url(api, speech_worker, relay_static, receiver, short_wav):
+def test_a_completed_job_posts_its_signed_result_to_the_webhook_url(api, speech_worker, webhook_worker, relay_static, receiver, short_wav):
     # Given a tenant with a signing secret whose jobs go to the relay (which answers a canned result)
     key = key_with_policy("B", "B")
     secret = new_secret(api, key)
@@ -186,7 +188,7 @@ def test_a_completed_job_posts_its_signed_result_to_the_webhook_url(api, speech_
 
 
 @pytest.mark.slow
-def test_a_failed_inline_job_posts_to_the_tenants_default_webhook(api, speech_worker, relay_static, receiver, short_wav):
+def test_a_failed_inline_job_posts_to_the_tenants_default_webhook(api, speech_worker, webhook_worker, relay_static, receiver, short_wav):
     # Given a tenant whose policy names a default webhook URL, and a relay that answers nonsense
     key = key_with_policy("B", "B")
     secret = new_secret(api, key)
@@ -209,7 +211,7 @@ def test_a_failed_inline_job_posts_to_the_tenants_default_webhook(api, speech_wo
 
 
 @pytest.mark.slow
-def test_timeouts_and_5xx_are_retried_with_backoff_under_one_webhook_id(api, speech_worker, receiver):
+def test_timeouts_and_5xx_are_retried_with_backoff_under_one_webhook_id(api, webhook_worker, receiver):
     # Given a receiver that first fails (500), then hangs past the 1 s timeout, then answers 200
     key = KeyFactory.issue(role=Role.TENANT_ADMIN)
     secret = new_secret(api, key)
@@ -234,7 +236,7 @@ def test_timeouts_and_5xx_are_retried_with_backoff_under_one_webhook_id(api, spe
 
 
 @pytest.mark.slow
-def test_a_4xx_is_not_retried_and_5xx_stops_after_the_last_attempt(api, speech_worker, receiver):
+def test_a_4xx_is_not_retried_and_5xx_stops_after_the_last_attempt(api, webhook_worker, receiver):
     key = KeyFactory.issue(role=Role.TENANT_ADMIN)
     new_secret(api, key)
     # A 400: the receiver refused the event; it is not sent again
@@ -249,6 +251,26 @@ def test_a_4xx_is_not_retried_and_5xx_stops_after_the_last_attempt(api, speech_w
     assert [row.status_code for row in delivery.attempt_rows.all()] == [503, 503, 503]
     time.sleep(1.0)  # longer than the next backoff would be: nothing more comes
     assert len(receiver.received) == 1 + 3
+
+
+@pytest.mark.slow
+def test_a_receiver_that_hangs_holds_the_webhook_worker_not_the_speech_worker(api, speech_worker, webhook_worker, receiver):
+    # Given a receiver that hangs past the timeout on every attempt
+    key = KeyFactory.issue(role=Role.TENANT_ADMIN)
+    new_secret(api, key)
+    receiver.script = ["hang", "hang", "hang"]
+    # When a job with its URL ends, and its three attempts time out
+    job = finished_job(key, webhook_url=receiver.url)
+    delivery = wait_delivery(job.pk, status="failed")
+    assert [row.status_code for row in delivery.attempt_rows.all()] == [None, None, None]
+    # Then the webhook worker made them, on its own queue; the speech worker never took one
+    received = re.compile(rb"Task transcription\.deliver_webhook\[[-0-9a-f]+\] received")
+    assert len(received.findall(webhook_worker.log_path.read_bytes())) >= 3
+    assert not received.search(speech_worker.log_path.read_bytes())
+    # And the webhook worker loads no model and does not count as a Backend A worker
+    assert SpeechWorker.objects.filter(worker_id=speech_worker.node).exists()
+    assert not SpeechWorker.objects.filter(worker_id=webhook_worker.node).exists()
+    assert b"webhook worker" in webhook_worker.log_path.read_bytes()
 
 
 # --- The signing secret ---------------------------------------------------------------------------
