@@ -125,6 +125,14 @@ def security_settings_check(app_configs: Any = None, **kwargs: Any) -> list[chec
                 id="scaiecho.E012",
             )
         )
+    if settings.SCAIECHO_WEBHOOK_MAX_INFLIGHT_PER_TENANT < 1:
+        errors.append(
+            checks.Error(
+                f"SCAIECHO_WEBHOOK_MAX_INFLIGHT_PER_TENANT is {settings.SCAIECHO_WEBHOOK_MAX_INFLIGHT_PER_TENANT}.",
+                hint="At least 1, or no webhook is ever delivered.",
+                id="scaiecho.E022",
+            )
+        )
     return errors
 
 

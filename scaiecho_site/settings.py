@@ -549,6 +549,9 @@ SCAIECHO_WEBHOOK_RETRY_MAX_SECONDS = env_float("SCAIECHO_WEBHOOK_RETRY_MAX_SECON
 # starts one): a receiver that hangs holds a webhook thread for up to the timeout above, never a
 # speech worker. A worker that consumes only this queue loads no model and is no speech worker.
 SCAIECHO_WEBHOOK_QUEUE = env_str("SCAIECHO_WEBHOOK_QUEUE", "webhooks")
+# Attempts one tenant may have waiting for its receivers at once (over all webhook workers); more
+# wait their turn, so a tenant whose receiver hangs cannot hold every webhook thread.
+SCAIECHO_WEBHOOK_MAX_INFLIGHT_PER_TENANT = env_int("SCAIECHO_WEBHOOK_MAX_INFLIGHT_PER_TENANT", 2)
 CELERY_TASK_ROUTES = {"transcription.deliver_webhook": {"queue": SCAIECHO_WEBHOOK_QUEUE}}
 # How much of a receiver's answer is read (and kept on the attempt, for the admin); the rest is dropped.
 SCAIECHO_WEBHOOK_MAX_RESPONSE_BYTES = env_int("SCAIECHO_WEBHOOK_MAX_RESPONSE_BYTES", 4096)

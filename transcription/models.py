@@ -182,10 +182,14 @@ class WebhookDelivery(models.Model):
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     next_attempt_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # While an attempt waits for the receiver: until when (a worker that died mid-attempt holds it
+    # no longer than that). Bounds the tenant's attempts in flight (SCAIECHO_WEBHOOK_MAX_INFLIGHT_PER_TENANT).
+    in_flight_until = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]
         verbose_name_plural = "webhook deliveries"
+        indexes = [models.Index(fields=["tenant", "in_flight_until"], name="webhook_tenant_in_flight")]
 
     def __str__(self) -> str:
         return f"{self.event_type} for job {self.job_id} ({self.status})"

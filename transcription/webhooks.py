@@ -7,7 +7,9 @@ task calls :func:`delivery_attempt` once per try: it checks the destination agai
 stored body signed per Standard Webhooks with the tenant's current secret, and records the attempt.
 A timeout, a connection error or a 5xx is retried after ``SCAIECHO_WEBHOOK_RETRY_BASE_SECONDS *
 2**(n-1)`` seconds until ``SCAIECHO_WEBHOOK_MAX_ATTEMPTS``; a 2xx delivers; anything else (a 4xx,
-a redirect, which is not followed, a refused destination) fails at once.
+a redirect, which is not followed, a refused destination) fails at once. A tenant has at most
+``SCAIECHO_WEBHOOK_MAX_INFLIGHT_PER_TENANT`` attempts in flight; a delivery beyond that waits its
+turn without using an attempt.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from scaiecho_site.metrics import WEBHOOK_DELIVERIES
+from tenants.models import Tenant
 from tenants.selectors import webhook_secret_of
 from tenants.webhooks import destination_check, pinned_target, signature
 from transcription.models import TranscriptionJob, WebhookAttempt, WebhookDelivery
@@ -72,6 +75,25 @@ def retry_delay(attempt: int) -> float:
     return min(settings.SCAIECHO_WEBHOOK_RETRY_BASE_SECONDS * 2 ** (attempt - 1), settings.SCAIECHO_WEBHOOK_RETRY_MAX_SECONDS)
 
 
+def busy_wait() -> float:
+    """Seconds a delivery waits while its tenant has ``SCAIECHO_WEBHOOK_MAX_INFLIGHT_PER_TENANT``
+    attempts in flight: about half an attempt's longest wait (0.5 to 5 s)."""
+    return max(0.5, min(5.0, settings.SCAIECHO_WEBHOOK_TIMEOUT_SECONDS / 2))
+
+
+def _tenant_busy(delivery: WebhookDelivery) -> bool:
+    """Whether the delivery's tenant has as many attempts in flight as it may. The tenant's row is
+    locked for the rest of the caller's transaction, so two workers cannot both take the last
+    place: a tenant whose receivers hang holds that many webhook threads, never all of them."""
+    Tenant.objects.select_for_update().filter(pk=delivery.tenant_id).first()
+    in_flight = (
+        WebhookDelivery.objects.filter(tenant_id=delivery.tenant_id, in_flight_until__gt=timezone.now())
+        .exclude(pk=delivery.pk)
+        .count()
+    )
+    return in_flight >= settings.SCAIECHO_WEBHOOK_MAX_INFLIGHT_PER_TENANT
+
+
 def delivery_attempt(*, delivery_id: Any) -> AttemptOutcome:
     """Make the next attempt of a pending delivery and record it. What the delivery task runs;
     a delivery that is no longer pending (a duplicate task) is left alone. No transaction is held
@@ -80,8 +102,11 @@ def delivery_attempt(*, delivery_id: Any) -> AttemptOutcome:
         delivery = WebhookDelivery.objects.select_for_update().filter(pk=delivery_id).first()
         if delivery is None or delivery.status != WebhookDelivery.Status.PENDING:
             return AttemptOutcome(status=delivery.status if delivery else "gone")
+        if _tenant_busy(delivery):
+            return AttemptOutcome(status=delivery.status, retry_in=busy_wait())
         delivery.attempts += 1
-        delivery.save(update_fields=["attempts"])
+        delivery.in_flight_until = timezone.now() + timedelta(seconds=settings.SCAIECHO_WEBHOOK_TIMEOUT_SECONDS + 30)
+        delivery.save(update_fields=["attempts", "in_flight_until"])
     number = delivery.attempts
     started_at = timezone.now()
     started = time.monotonic()
@@ -120,7 +145,8 @@ def delivery_attempt(*, delivery_id: Any) -> AttemptOutcome:
             delivery.status = WebhookDelivery.Status.FAILED
         delivery.next_attempt_at = next_at
         delivery.finished_at = None if retry_in is not None else now
-        delivery.save(update_fields=["status", "next_attempt_at", "finished_at"])
+        delivery.in_flight_until = None
+        delivery.save(update_fields=["status", "next_attempt_at", "finished_at", "in_flight_until"])
     WEBHOOK_DELIVERIES.labels(outcome="delivered" if delivered else "retrying" if retry_in is not None else "failed").inc()
     if not delivered:
         logger.warning(

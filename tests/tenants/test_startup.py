@@ -119,6 +119,9 @@ def test_production_refuses_to_start_without_a_webhook_secret_key(tmp_path):
     assert result.returncode != 0
     assert "scaiecho.E021" in result.stderr
     assert "not-a-fernet-key" not in result.stderr
+    result = run_check(clean_env(tmp_path, SCAIECHO_WEBHOOK_MAX_INFLIGHT_PER_TENANT="0"))
+    assert result.returncode != 0
+    assert "scaiecho.E022" in result.stderr
 
 
 def test_production_with_everything_set_passes(tmp_path):

@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 from prometheus_client import REGISTRY
 from standardwebhooks import Webhook, WebhookVerificationError
@@ -37,7 +37,7 @@ from tests.workers import RELAY_KEY
 from transcription.failures import JobQueuedTooLong
 from transcription.models import SpeechWorker, TranscriptionJob, WebhookDelivery
 from transcription.services import job_fail, jobs_sweep
-from transcription.webhooks import delivery_attempt, post_signed
+from transcription.webhooks import busy_wait, delivery_attempt, delivery_create, post_signed
 
 SECRET_URL = "/v1/modules/scaiecho/webhook-secret"
 POLICY_URL = "/v1/modules/scaiecho/tenant-policy"
@@ -155,6 +155,18 @@ def finished_job(key: Any, *, webhook_url: str) -> TranscriptionJob:
     with transaction.atomic():
         job_fail(job=job, error=JobQueuedTooLong())
     return job
+
+
+def pending_delivery(key: Any, *, webhook_url: str) -> WebhookDelivery:
+    """The webhook event of a failed job of ``key``'s, with no task sent for it (the session's
+    webhook worker, when running, must not take it)."""
+    job = TranscriptionJob.objects.create(
+        tenant=key.tenant, user=key.membership.user, audio_sha256="0" * 64, audio_bytes=10, audio_ext="wav",
+        webhook_url=webhook_url, status=TranscriptionJob.Status.FAILED, status_reason="queued too long",
+    )  # fmt: skip
+    delivery = delivery_create(job=job)
+    assert delivery is not None
+    return delivery
 
 
 # --- End to end: a worker finishes the job and delivers its webhook ------------------------------
@@ -377,6 +389,46 @@ def test_a_destination_that_turned_private_is_refused_at_delivery(api, receiver,
     attempt = delivery.attempt_rows.get()
     assert attempt.status_code is None
     assert "destination refused" in attempt.error
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_tenant_whose_receiver_hangs_holds_only_its_share_of_webhook_threads(api, receiver, settings):
+    # Given two tenants, and a bound of 2 attempts in flight per tenant
+    settings.SCAIECHO_WEBHOOK_MAX_INFLIGHT_PER_TENANT = 2
+    settings.SCAIECHO_WEBHOOK_TIMEOUT_SECONDS = 6.0
+    hostile, other = KeyFactory.issue(role=Role.TENANT_ADMIN), KeyFactory.issue(role=Role.TENANT_ADMIN)
+    new_secret(api, hostile)
+    new_secret(api, other)
+    receiver.script = ["hang", "hang"]  # answered after hang_s, within the timeout
+    receiver.hang_s = 3.0
+    hanging = [pending_delivery(hostile, webhook_url=receiver.url) for _ in range(3)]
+
+    def attempt(delivery_id: Any) -> None:
+        try:
+            delivery_attempt(delivery_id=delivery_id)
+        finally:
+            connection.close()
+
+    # When two of the first tenant's attempts are waiting on its receiver (two webhook threads)
+    threads = [threading.Thread(target=attempt, args=(d.pk,)) for d in hanging[:2]]
+    for thread in threads:
+        thread.start()
+    receiver.wait_for(2)
+    # Then its third waits its turn: nothing sent, no attempt used, back after a short wait
+    outcome = delivery_attempt(delivery_id=hanging[2].pk)
+    assert (outcome.status, outcome.retry_in) == ("pending", busy_wait())
+    assert len(receiver.received) == 2
+    hanging[2].refresh_from_db()
+    assert (hanging[2].attempts, hanging[2].attempt_rows.count()) == (0, 0)
+    # And another tenant's delivery goes out at once
+    theirs = pending_delivery(other, webhook_url=receiver.url)
+    assert delivery_attempt(delivery_id=theirs.pk).status == "delivered"
+    for thread in threads:
+        thread.join(timeout=10)
+    # Once the first tenant's two attempts are answered, its third goes out
+    assert delivery_attempt(delivery_id=hanging[2].pk).status == "delivered"
+    assert [d.attempts for d in WebhookDelivery.objects.filter(tenant=hostile.tenant)] == [1, 1, 1]
+    assert not WebhookDelivery.objects.filter(in_flight_until__isnull=False).exists()
 
 
 @pytest.mark.django_db
