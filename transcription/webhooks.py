@@ -14,6 +14,7 @@ turn without using an attempt.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -157,32 +158,53 @@ def delivery_attempt(*, delivery_id: Any) -> AttemptOutcome:
     return AttemptOutcome(status=delivery.status, retry_in=retry_in)
 
 
-def _connect(
-    client: httpx.Client,
+async def _connect(
+    client: httpx.AsyncClient,
     targets: list[tuple[str, dict[str, str], dict[str, str]]],
     *,
     content: bytes,
     headers: dict[str, str],
-    deadline: float,
 ) -> httpx.Response:
     """The streamed response of the first target that takes the connection (the host's next
-    address only while nothing was sent and time is left); each try gets only what is left of the
-    attempt's time, so all of them stay within ``deadline``."""
+    address only while nothing was sent)."""
 
     def request(target: str, host: dict[str, str], extensions: dict[str, str]) -> httpx.Request:
-        left = max(0.1, deadline - time.monotonic())
-        return client.build_request(
-            "POST", target, content=content, headers={**headers, **host}, extensions=extensions, timeout=left
-        )
+        return client.build_request("POST", target, content=content, headers={**headers, **host}, extensions=extensions)
 
     *earlier, last = targets
     for target in earlier:
         try:
-            return client.send(request(*target), stream=True)
+            return await client.send(request(*target), stream=True)
         except httpx.ConnectError:
-            if time.monotonic() >= deadline:
-                raise
-    return client.send(request(*last), stream=True)
+            pass
+    return await client.send(request(*last), stream=True)
+
+
+async def _post(
+    targets: list[tuple[str, dict[str, str], dict[str, str]]], *, content: bytes, headers: dict[str, str], timeout_s: float
+) -> _Answer:
+    """One POST, its connection tries and at most ``SCAIECHO_WEBHOOK_MAX_RESPONSE_BYTES`` of the
+    answer, all within ``timeout_s`` in all: httpx's timeouts bound each read, and a receiver
+    that sends its answer a byte at a time would pass every one of them."""
+    limit = settings.SCAIECHO_WEBHOOK_MAX_RESPONSE_BYTES
+    received = bytearray()
+    response: httpx.Response | None = None
+    async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as client:
+        try:
+            async with asyncio.timeout(timeout_s):
+                response = await _connect(client, targets, content=content, headers=headers)
+                async for chunk in response.aiter_bytes():
+                    received += chunk
+                    if len(received) >= limit:
+                        break  # enough to show; the rest of the answer does not matter
+        except TimeoutError:
+            if response is None:
+                raise httpx.TimeoutException("no answer in time") from None
+            # The status came in time; what the body had by then is kept.
+        finally:
+            if response is not None:
+                await response.aclose()
+    return _Answer(status_code=response.status_code, excerpt=received[:limit].decode("utf-8", "replace"))
 
 
 def post_signed(
@@ -201,22 +223,10 @@ def post_signed(
         "webhook-timestamp": str(timestamp),
         "webhook-signature": signature(secret=secret, message_id=message_id, timestamp=timestamp, body=body),
     }
-    limit = settings.SCAIECHO_WEBHOOK_MAX_RESPONSE_BYTES
     timeout_s = settings.SCAIECHO_WEBHOOK_TIMEOUT_SECONDS
-    deadline = time.monotonic() + timeout_s
     targets = [pinned_target(url, address) for address in addresses] or [(url, {}, {})]
     try:
-        with httpx.Client(timeout=timeout_s, follow_redirects=False) as client:
-            response = _connect(client, targets, content=body, headers=headers, deadline=deadline)
-            try:
-                received = bytearray()
-                for chunk in response.iter_bytes():
-                    received += chunk
-                    if len(received) >= limit or time.monotonic() > deadline:
-                        break  # enough to show; the rest of the answer does not matter
-                answer = _Answer(status_code=response.status_code, excerpt=received[:limit].decode("utf-8", "replace"))
-            finally:
-                response.close()
+        answer = asyncio.run(_post(targets, content=body, headers=headers, timeout_s=timeout_s))
     except httpx.TimeoutException as exc:
         return _Answer(error=f"timed out after {timeout_s:g} s ({type(exc).__name__})"), True
     except httpx.TransportError as exc:
