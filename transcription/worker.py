@@ -15,6 +15,7 @@ import logging
 import threading
 from typing import Any
 
+from celery import current_app
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 from django.conf import settings
 from django.db import close_old_connections
@@ -74,8 +75,6 @@ def retire_worker(**_kwargs: Any) -> None:
 
 @worker_process_init.connect
 def preload_model(**_kwargs: Any) -> None:
-    from celery import current_app
-
     if not settings.SCAIECHO_WHISPER_PRELOAD or not serves_speech(current_app):
         return
     from scaiecho_site.engines import whisper_engine
