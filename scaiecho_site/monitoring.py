@@ -44,7 +44,7 @@ from tenants.models import Backend
 from tenants.ratelimit import networks, request_client_address
 from tenants.selectors import usage_counts
 from transcription.models import SpeechWorker, TranscriptionJob
-from transcription.selectors import jobs_by_state_and_backend, queue_depth, workers_alive
+from transcription.selectors import jobs_by_state_and_backend, queue_depth, webhooks_pending, workers_alive
 
 logger = logging.getLogger("scaiecho.metrics")
 
@@ -85,6 +85,14 @@ class StateCollector(Collector):
         for worker in workers:
             heartbeat.add_metric([worker.worker_id, worker.kind], worker.last_seen_at.timestamp())
         yield heartbeat
+
+        waiting, oldest_s = webhooks_pending()
+        yield GaugeMetricFamily(
+            "scaiecho_webhook_deliveries_pending", "Webhook events still to be delivered (a first attempt or a retry to come).", value=waiting
+        )
+        yield GaugeMetricFamily(
+            "scaiecho_webhook_oldest_pending_seconds", "How long the oldest undelivered webhook event has waited (0: none).", value=oldest_s
+        )
 
         live = GaugeMetricFamily(
             "scaiecho_stream_sessions_live", "Live stream sessions on every web process, by backend.", labels=["backend"]

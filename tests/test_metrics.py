@@ -23,7 +23,7 @@ from streaming.limits import stream_slots_acquire, stream_slots_release
 from tenants.models import Role, TenantPolicy, UsageRecord
 from tests.factories import KeyFactory, TenantFactory
 from tests.voices import synth_speech
-from transcription.models import SpeechWorker, TranscriptionJob
+from transcription.models import SpeechWorker, TranscriptionJob, WebhookDelivery
 
 pytestmark = pytest.mark.django_db
 
@@ -124,6 +124,11 @@ def test_state_of_jobs_queue_workers_streams_and_usage(client):
     TranscriptionJob.objects.create(**base, status="completed", backend_used="B", completed_at=now)
     SpeechWorker.objects.create(worker_id="batch@host#1", kind="batch", last_seen_at=now, expires_at=now + timedelta(seconds=30))
     SpeechWorker.objects.create(worker_id="gone@host#2", kind="batch", last_seen_at=now, expires_at=now - timedelta(seconds=1))
+    # One webhook event waiting for ten minutes, one delivered.
+    finished = TranscriptionJob.objects.create(**base, status="failed", completed_at=now)
+    for status in ("pending", "delivered"):
+        WebhookDelivery.objects.create(tenant=tenant, job=finished, event_type="transcription.failed", url="https://x.example/h", body="{}", status=status)
+    WebhookDelivery.objects.filter(status="pending").update(created_at=now - timedelta(minutes=10))
     UsageRecord.objects.create(tenant=tenant, backend="B", kind="batch", audio_duration_ms=90_500, cost=0)
     UsageRecord.objects.create(tenant=tenant, backend="A", kind="stream", audio_duration_ms=4_000, cost=0)
     slots = stream_slots_acquire(key_id="k1", tenant_id=str(tenant.pk), session_id="str_live", backend="A")
@@ -138,6 +143,9 @@ def test_state_of_jobs_queue_workers_streams_and_usage(client):
     heartbeat = value(seen, "scaiecho_worker_last_heartbeat_timestamp_seconds", worker="batch@host#1", kind="batch")
     assert abs(heartbeat - now.timestamp()) < 1
     assert ("scaiecho_worker_last_heartbeat_timestamp_seconds", (("kind", "batch"), ("worker", "gone@host#2"))) not in seen
+    assert value(seen, "scaiecho_workers_alive", kind="webhook") == 0  # none announced: deliveries would wait
+    assert value(seen, "scaiecho_webhook_deliveries_pending") == 1
+    assert 600 <= value(seen, "scaiecho_webhook_oldest_pending_seconds") < 660
     assert value(seen, "scaiecho_stream_sessions_live", backend="A") == 1
     assert value(seen, "scaiecho_transcriptions_total", kind="batch", backend="B") == 1
     assert value(seen, "scaiecho_audio_processed_seconds_total", kind="batch", backend="B") == 90.5

@@ -19,6 +19,7 @@ class SpeechWorker(models.Model):
     class Kind(models.TextChoices):
         BATCH = "batch"
         STREAM = "stream"
+        WEBHOOK = "webhook"  # delivers webhooks only: no model, never Backend A
 
     worker_id = models.CharField(max_length=200, unique=True)
     kind = models.CharField(max_length=10, choices=Kind.choices, default=Kind.BATCH)

@@ -19,6 +19,7 @@ from django.db.models import (
     F,
     FloatField,
     Max,
+    Min,
     OuterRef,
     QuerySet,
     Sum,
@@ -28,7 +29,7 @@ from django.utils import timezone
 
 from scaiecho_site import errors
 from tenants.selectors import Reservation
-from transcription.models import SpeechWorker, TranscriptionJob, TranscriptionPiece
+from transcription.models import SpeechWorker, TranscriptionJob, TranscriptionPiece, WebhookDelivery
 
 UNFINISHED = (TranscriptionJob.Status.QUEUED, TranscriptionJob.Status.RUNNING)
 # How far back fair dispatch remembers when a tenant's finished jobs were served.
@@ -162,6 +163,15 @@ def queue_depth() -> dict[str, int]:
         status=TranscriptionPiece.Status.QUEUED, job__status__in=UNFINISHED
     )
     return {"job": unsplit.count(), "piece": pieces.count()}
+
+
+def webhooks_pending(*, now: datetime | None = None) -> tuple[int, float]:
+    """Webhook events still to be delivered (first attempt or a retry to come), and how long the
+    oldest has waited in seconds (0 with none): a backlog that only grows means no webhook worker."""
+    pending = WebhookDelivery.objects.filter(status=WebhookDelivery.Status.PENDING).order_by()
+    counts = pending.aggregate(n=Count("id"), oldest=Min("created_at"))
+    waited = ((now or timezone.now()) - counts["oldest"]).total_seconds() if counts["oldest"] else 0.0
+    return counts["n"], max(0.0, waited)
 
 
 def workers_alive(*, now: datetime | None = None) -> list[SpeechWorker]:

@@ -5,8 +5,9 @@
   vanished.
 - Each pool process loads the Whisper model once, at start, so the first job does not pay for it.
 
-A worker that consumes only the webhook queue (``SCAIECHO_WEBHOOK_QUEUE``) does neither: it runs
-no speech work, so it must not count as Backend A, and it needs no model.
+A worker that consumes only the webhook queue (``SCAIECHO_WEBHOOK_QUEUE``) is announced as a
+webhook worker, so that operators see whether one is running: it does not count as Backend A,
+sweeps nothing and loads no model.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ _stop = threading.Event()
 _worker_id: str | None = None
 
 
-def _beat(worker_id: str) -> None:
+def _beat(worker_id: str, *, speech: bool) -> None:
     from speakers.services import enrollments_sweep
+    from transcription.models import SpeechWorker
     from transcription.services import jobs_sweep, worker_claimant, worker_heartbeat
 
     interval = max(1.0, settings.SCAIECHO_WORKER_HEARTBEAT_TTL_SECONDS / 3)
@@ -36,12 +38,14 @@ def _beat(worker_id: str) -> None:
             close_old_connections()
             worker_heartbeat(
                 worker_id=worker_id,
+                kind=SpeechWorker.Kind.BATCH if speech else SpeechWorker.Kind.WEBHOOK,
                 hostname=worker_id.partition("@")[2],
-                model_name=settings.SCAIECHO_WHISPER_MODEL,
-                device=settings.SCAIECHO_WHISPER_DEVICE or "auto",
+                model_name=settings.SCAIECHO_WHISPER_MODEL if speech else "",
+                device=(settings.SCAIECHO_WHISPER_DEVICE or "auto") if speech else "",
             )
-            jobs_sweep(me=worker_claimant(node=worker_id))
-            enrollments_sweep()
+            if speech:
+                jobs_sweep(me=worker_claimant(node=worker_id))
+                enrollments_sweep()
         except Exception:  # a database hiccup must not kill the heartbeat
             logger.exception("worker heartbeat failed")
         _stop.wait(interval)
@@ -55,12 +59,10 @@ def serves_speech(app: Any) -> bool:
 @worker_ready.connect
 def announce_worker(sender: Any = None, **_kwargs: Any) -> None:
     global _worker_id
-    if not serves_speech(sender.app):
-        logger.info("webhook worker %s ready (no speech work, no model)", sender.hostname)
-        return
     _worker_id = sender.hostname
-    threading.Thread(target=_beat, args=(_worker_id,), name="scaiecho-heartbeat", daemon=True).start()
-    logger.info("speech worker %s announced", _worker_id)
+    speech = serves_speech(sender.app)
+    threading.Thread(target=_beat, args=(_worker_id,), kwargs={"speech": speech}, name="scaiecho-heartbeat", daemon=True).start()
+    logger.info("%s worker %s announced", "speech" if speech else "webhook (no speech work, no model)", _worker_id)
 
 
 @worker_shutdown.connect

@@ -280,10 +280,9 @@ def test_a_receiver_that_hangs_holds_the_webhook_worker_not_the_speech_worker(ap
     received = re.compile(rb"Task transcription\.deliver_webhook\[[-0-9a-f]+\] received")
     assert len(received.findall(webhook_worker.log_path.read_bytes())) >= 3
     assert not received.search(speech_worker.log_path.read_bytes())
-    # And the webhook worker loads no model and does not count as a Backend A worker
-    assert SpeechWorker.objects.filter(worker_id=speech_worker.node).exists()
-    assert not SpeechWorker.objects.filter(worker_id=webhook_worker.node).exists()
-    assert b"webhook worker" in webhook_worker.log_path.read_bytes()
+    # And the webhook worker is announced as one (operators see it), not as a Backend A worker
+    kinds = dict(SpeechWorker.objects.filter(worker_id__in=[speech_worker.node, webhook_worker.node]).values_list("worker_id", "kind"))
+    assert kinds == {speech_worker.node: "batch", webhook_worker.node: "webhook"}
 
 
 # --- The signing secret ---------------------------------------------------------------------------
