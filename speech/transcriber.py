@@ -77,6 +77,8 @@ GAP_WORD_SLACK_SECONDS = 0.2
 GAP_BRIDGE_SECONDS = 0.3
 # A word the gap's decode hears within this of the same word in the decode it mends is that word.
 GAP_SAME_WORD_SECONDS = 0.1
+# ... and digits within this of a number holding them are that number heard again (see ``_in_number``).
+GAP_NUMBER_SECONDS = 1.0
 
 # A repeated last word shorter than this, by the word times of a fresh decode, is an echo (see
 # ``StreamSession._without_echo``).
@@ -190,6 +192,18 @@ def _drops(previous: list[Word], words: list[Word]) -> bool:
     kept = sum(block.size for block in alignment.get_matching_blocks())
     lost = max((last - first for op, first, last, _, _ in alignment.get_opcodes() if op == "delete"), default=0)
     return kept < 0.5 * len(previous) or lost >= LOST_RUN_WORDS
+
+
+def _in_number(word: Word, words: list[Word]) -> bool:
+    """Whether ``word`` is digits that a number of ``words`` within ``GAP_NUMBER_SECONDS`` already
+    holds: Whisper writes a string said digit by digit as "29340" in one decode and "2 9 3 4" in
+    another, and the one word "29340" is timed over only part of its speech."""
+    key = _key(word.word)
+    return key.isdigit() and any(
+        len(other) > len(key) and other.isdigit() and key in other and w.start - GAP_NUMBER_SECONDS < word.end and word.start < w.end + GAP_NUMBER_SECONDS
+        for w in words
+        for other in [_key(w.word)]
+    )
 
 
 def _cut_repetition(text: str) -> str:
@@ -659,7 +673,9 @@ class StreamSession:
                 hyp = self._decode_final(audio)
             else:
                 hyp = self._fill_gaps(audio, hyp)
-            delta = self._final(hyp.words, self._span_start + audio.size, hyp.confidence, echo_check=not hyp.filled)
+            delta = self._final(
+                hyp.words, self._span_start + audio.size, hyp.confidence, echo_check=not hyp.filled, gaps_checked=True
+            )
             if delta:
                 deltas.append(delta)
         self._in_speech = False
@@ -719,7 +735,7 @@ class StreamSession:
                 if not any(
                     _key(w.word) == _key(placed.word) and w.start - widen < placed.end and placed.start < w.end + widen
                     for w in words
-                ):
+                ) and not _in_number(placed, words):
                     words.append(placed)
         if len(words) == len(hyp.words):
             return hyp
@@ -776,10 +792,23 @@ class StreamSession:
         return words[:-count] if copy[-1].end - copy[0].start < squeezed else words
 
     def _final(
-        self, words: list[Word], end_sample: int, confidence: float | None, *, echo_check: bool = True
+        self,
+        words: list[Word],
+        end_sample: int,
+        confidence: float | None,
+        *,
+        echo_check: bool = True,
+        gaps_checked: bool = False,
     ) -> Delta | None:
-        """The final of ``words`` up to ``end_sample``; ``echo_check`` false: a repeat at its end was
-        heard in speech of its own (``_fill_gaps``), not said twice by one decode."""
+        """The final of ``words`` up to ``end_sample``. Whatever made it (a pause, two decodes that
+        agree, a split, a span too long), speech its words do not cover is heard on its own first
+        (``_fill_gaps``): two decodes can agree in leaving out a voice, an overlapped question under
+        the next speaker's words (``gaps_checked``: the caller did that). ``echo_check`` false, or
+        words so filled: a repeat at its end was heard in speech of its own, not said twice by one
+        decode."""
+        if not gaps_checked:
+            heard = self._fill_gaps(self._audio()[: max(0, end_sample - self._span_start)], _Hypothesis(words, confidence))
+            words, echo_check = heard.words, echo_check and not heard.filled
         if echo_check:
             words = self._without_echo(words, end_sample)
         text = " ".join(w.word for w in words).strip()

@@ -15,7 +15,7 @@ import pytest
 from bench.corpus import asterisk_prompt
 from speech.audio import SAMPLE_RATE, decode_audio
 from speech.batching import BatchingEngine
-from speech.engines.base import TranscribeOptions, TranscriptionResult
+from speech.engines.base import TranscribeOptions, TranscriptionResult, Word
 from speech.engines.ctranslate2 import CTranslate2Engine
 from speech.engines.weights import PACKAGED, WeightsUnavailable, packaged_ctranslate2_dir
 from speech.engines.windows import normalised_words
@@ -429,6 +429,41 @@ def test_an_overlapped_turn_a_later_decode_leaves_out_reaches_the_finals_on_a_lo
             lost.append((seed, slowest, " | ".join(finals)))
         assert "queen" in words, finals
     assert len(lost) <= 1, lost
+
+
+def test_speech_the_words_of_any_final_leave_out_is_heard_on_its_own(engine: CTranslate2Engine) -> None:
+    """Issue 10, no final loses text: on a loaded worker two decodes of a span can agree in leaving
+    out an overlapped voice ("last. Four, queen of clubs," where "Change to which folder?" was said
+    between them), and their agreement made a final without it (seen in the three-session test).
+    Every final, not only the one at a pause, has the speech its words leave out decoded on its
+    own. Here the span holds the real call from 11.2 s, and the final is made of what those
+    decodes heard, timed as Whisper timed them."""
+    session = StreamSession(engine)
+    session.feed(_excerpt("cards-ast-alsa", 11.2, 14.8), now=1000.0)  # behind real time: no decode yet
+    assert session.stats.count == 0
+    offset = 11.2 + session._span_start / SAMPLE_RATE
+    heard = [("last.", 11.20, 11.46), ("Four,", 13.06, 13.50), ("queen", 13.80, 13.94), ("of", 13.94, 14.16), ("clubs,", 14.16, 14.60)]
+    words = [Word(start=max(0.0, a - offset), end=b - offset, word=w) for w, a, b in heard]
+    final = session._final(words, session._span_start + int((14.7 - 11.2) * SAMPLE_RATE), None)
+    assert final is not None
+    said = normalised_words(final.text)
+    assert "folder" in said, final.text
+    assert said.index("folder") < said.index("queen"), final.text  # in time order
+    assert said.count("queen") == 1, final.text
+
+
+def test_digits_heard_again_beside_the_number_that_holds_them_are_not_added(engine: CTranslate2Engine) -> None:
+    """The other side: Whisper writes a digit string as one word ("29340") timed over part of its
+    speech; the rest, decoded on its own, comes back as "3 4 0". Those digits are the number heard
+    again, not words said twice."""
+    session = StreamSession(engine)
+    session.feed(_excerpt("lib-cards-dhd", 2.0, 3.8), now=1000.0)
+    offset = 2.0 + session._span_start / SAMPLE_RATE
+    number = Word(start=2.26 - offset, end=2.70 - offset, word="29340")
+    final = session._final([number], session._span_start + int(1.75 * SAMPLE_RATE), None)
+    assert session.stats.count >= 1  # the speech after "29340"'s time was decoded on its own
+    assert final is not None
+    assert normalised_words(final.text) == ["29340"], final.text
 
 
 def test_a_partial_that_looped_does_not_become_a_final(engine: CTranslate2Engine) -> None:
