@@ -186,7 +186,9 @@ def test_sessions_spread_over_two_workers_and_survive_the_other_ones_death(strea
         while SpeechWorker.objects.filter(kind="stream", expires_at__gt=timezone.now()).count() < 2:
             assert time.monotonic() < deadline, "both stream workers should be announced"
             time.sleep(0.1)
-        key = issue(Role.TENANT_VIEWER, policy=("A", "A"))
+        # A key (and tenant) per session: which worker takes a session is the service's choice, and
+        # eight sessions of one key on the first worker would meet SCAIECHO_STREAM_MAX_PER_KEY.
+        keys = [issue(Role.TENANT_VIEWER, policy=("A", "A")) for _ in range(12)]
 
         def worker_of(session_id: str) -> str:
             if session_id in second.log_path.read_text():
@@ -198,11 +200,12 @@ def test_sessions_spread_over_two_workers_and_survive_the_other_ones_death(strea
             clients: list[tuple[Client, str]] = []
             try:
                 while len({owner for _, owner in clients}) < 2:
-                    assert len(clients) < 12, "sessions never reached both workers"
-                    client = Client(f"{PATH}?token={key.secret}")
+                    assert len(clients) < len(keys), "sessions never reached both workers"
+                    client = Client(f"{PATH}?token={keys[len(clients)].secret}")
                     await client.__aenter__()
                     await client.send({"type": "open", "media_type": "audio/wav", "language_hint": "en"})
                     ready = await client.next_frame()
+                    assert ready.get("type") == "ready", ready
                     await asyncio.sleep(0.3)  # the worker logs the session as it opens it
                     clients.append((client, await asyncio.to_thread(worker_of, ready["session_id"])))
                 half = len(conversation_wav) // 3
