@@ -199,11 +199,10 @@ def _in_number(word: Word, words: list[Word]) -> bool:
     holds: Whisper writes a string said digit by digit as "29340" in one decode and "2 9 3 4" in
     another, and the one word "29340" is timed over only part of its speech."""
     key = _key(word.word)
-    return key.isdigit() and any(
-        len(other) > len(key) and other.isdigit() and key in other and w.start - GAP_NUMBER_SECONDS < word.end and word.start < w.end + GAP_NUMBER_SECONDS
-        for w in words
-        for other in [_key(w.word)]
-    )
+    if not key.isdigit():
+        return False
+    near = [w for w in words if w.start - GAP_NUMBER_SECONDS < word.end and word.start < w.end + GAP_NUMBER_SECONDS]
+    return any(len(number) > len(key) and number.isdigit() and key in number for number in (_key(w.word) for w in near))
 
 
 def _cut_repetition(text: str) -> str:
