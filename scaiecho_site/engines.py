@@ -101,6 +101,7 @@ def relay_client() -> RelayClient:
         api_key=settings.SCAIECHO_RELAY_API_KEY,
         model=settings.SCAIECHO_RELAY_MODEL,
         timeout_s=settings.SCAIECHO_RELAY_TIMEOUT_SECONDS,
+        max_response_bytes=settings.SCAIECHO_RELAY_MAX_RESPONSE_BYTES,
     )
 
 

@@ -74,7 +74,6 @@ SCAIECHO_PHASE = env_str("SCAIECHO_PHASE", "ga")
 SCAIECHO_DATA_DIR = Path(env_str("SCAIECHO_DATA_DIR", str(BASE_DIR / "var")))
 
 
-
 def development_secret_key(data_dir: Path) -> str:
     """A random key made once per data folder (``secret_key``, readable by its owner only) and
     shared by every process that uses the folder: a development key is never one published in the
@@ -300,7 +299,10 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
-    "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "scaiecho_site.schema.require_request_bodies"],
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "scaiecho_site.schema.require_request_bodies",
+    ],
 }
 
 # --- ScaiEcho ----------------------------------------------------------------------------------
@@ -334,6 +336,8 @@ SCAIECHO_RELAY_BASE_URL = env_str("SCAIECHO_RELAY_BASE_URL")
 SCAIECHO_RELAY_API_KEY = env_str("SCAIECHO_RELAY_API_KEY")
 SCAIECHO_RELAY_MODEL = env_str("SCAIECHO_RELAY_MODEL", "whisper-1")
 SCAIECHO_RELAY_TIMEOUT_SECONDS = env_float("SCAIECHO_RELAY_TIMEOUT_SECONDS", 60.0)
+# The most of one relay answer that is read (a verbose_json of an hour's words is well under 1 MB).
+SCAIECHO_RELAY_MAX_RESPONSE_BYTES = env_int("SCAIECHO_RELAY_MAX_RESPONSE_BYTES", 16 * 2**20)
 
 # Uploads: anything larger is refused with 413 before it is read.
 SCAIECHO_MAX_UPLOAD_BYTES = env_int("SCAIECHO_MAX_UPLOAD_BYTES", 100 * 1024 * 1024)

@@ -12,8 +12,12 @@ exception message, a log record or a repr. Nothing here imports Django.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import math
+import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -31,6 +35,24 @@ logger = logging.getLogger(__name__)
 _UPSTREAM_MESSAGE_LIMIT = 300
 
 
+@dataclass(frozen=True)
+class _Answer:
+    """The relay's answer, read in full."""
+
+    status_code: int
+    headers: httpx.Headers
+    content: bytes
+    elapsed_s: float
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        """The body as JSON; ``ValueError`` when it is not."""
+        return json.loads(self.content)
+
+
 class RelayRejected(BackendError):
     """The relay refused the request itself (401, 400, 413, ...): retrying cannot help."""
 
@@ -42,11 +64,14 @@ class RelayClient(Engine):
 
     name = "relay"
 
-    def __init__(self, *, base_url: str, api_key: str, model: str, timeout_s: float) -> None:
+    def __init__(
+        self, *, base_url: str, api_key: str, model: str, timeout_s: float, max_response_bytes: int = 16 * 2**20
+    ) -> None:
         super().__init__()
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.timeout_s = timeout_s
+        self.max_response_bytes = max_response_bytes
         self._api_key = api_key
 
     def __repr__(self) -> str:
@@ -87,14 +112,14 @@ class RelayClient(Engine):
             data["prompt"] = prompt
 
         try:
-            response = httpx.post(
-                self.endpoint,
-                data=data,
-                files={"file": (filename, audio, "application/octet-stream")},
-                headers={"Authorization": f"Bearer {self._api_key}", "Accept": "application/json"},
-                timeout=httpx.Timeout(self.timeout_s),
+            response = asyncio.run(
+                self._post(
+                    data=data,
+                    files={"file": (filename, audio, "application/octet-stream")},
+                    headers={"Authorization": f"Bearer {self._api_key}", "Accept": "application/json"},
+                )
             )
-        except httpx.TimeoutException as exc:
+        except (httpx.TimeoutException, TimeoutError) as exc:
             raise BackendTimeout(
                 f"The relay did not answer within {self.timeout_s:g} s ({type(exc).__name__})."
             ) from None
@@ -109,9 +134,26 @@ class RelayClient(Engine):
             requested_language=requested_language,
         )
 
+    async def _post(self, **request: Any) -> _Answer:
+        """The POST and its whole answer, within ``timeout_s`` in all: httpx's timeout bounds each
+        read, and an upstream that sends its answer a byte at a time would hold a worker for ever.
+        At most ``max_response_bytes`` of the answer are read."""
+        started = time.monotonic()
+        async with httpx.AsyncClient(timeout=self.timeout_s, follow_redirects=False) as client:
+            async with asyncio.timeout(self.timeout_s):
+                async with client.stream("POST", self.endpoint, **request) as response:
+                    body = bytearray()
+                    async for chunk in response.aiter_bytes():
+                        body += chunk
+                        if len(body) > self.max_response_bytes:
+                            raise UpstreamShapeMismatch(
+                                f"The relay's answer is larger than {self.max_response_bytes} bytes."
+                            )
+        return _Answer(response.status_code, response.headers, bytes(body), time.monotonic() - started)
+
     def _result(
         self,
-        response: httpx.Response,
+        response: _Answer,
         *,
         duration_s: float,
         word_timestamps: bool,
@@ -138,12 +180,12 @@ class RelayClient(Engine):
             raise UpstreamShapeMismatch(
                 f"The relay's answer is not JSON (content type {response.headers.get('content-type', 'unknown')!r})."
             ) from None
-        logger.debug("relay answered HTTP %s in %.3f s", status, response.elapsed.total_seconds())
+        logger.debug("relay answered HTTP %s in %.3f s", status, response.elapsed_s)
         return parse_verbose_json(
             body, duration_s=duration_s, word_timestamps=word_timestamps, requested_language=requested_language
         )
 
-    def _upstream_message(self, response: httpx.Response) -> str:
+    def _upstream_message(self, response: _Answer) -> str:
         """The upstream's own words, for operators; OpenAI echoes (part of) a bad key, so scrub."""
         message: str
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -150,6 +151,59 @@ def test_a_hanging_relay_times_out_promptly(relay: RelayServer) -> None:
 
     assert time.monotonic() - started < 2.0
     assert caught.value.transient is True
+
+
+@pytest.mark.parametrize("stalls", ["status line", "headers", "body"])
+def test_a_relay_that_answers_a_byte_at_a_time_is_cut_off_at_the_timeout(stalls: str) -> None:
+    """Each read of a slow answer stays within httpx's per-read timeout; the call as a whole must
+    still end at ``timeout_s``, or one slow upstream holds a worker (and a stream) for ever."""
+    start = {
+        "status line": b"",
+        "headers": b"HTTP/1.1 200 OK\r\n",
+        "body": b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100000\r\n\r\n",
+    }[stalls]
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def drip() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(start)
+            while not stop.wait(0.3):
+                try:
+                    conn.sendall(b"H" if stalls == "status line" else b"X" if stalls == "headers" else b" ")
+                except OSError:
+                    return
+
+    threading.Thread(target=drip, daemon=True).start()
+    client = RelayClient(
+        base_url=f"http://127.0.0.1:{server.getsockname()[1]}/v1", api_key=KEY, model="whisper-1", timeout_s=1.0
+    )
+    started = time.monotonic()
+    try:
+        with pytest.raises(BackendTimeout) as caught:
+            client.transcribe(seconds_of_samples(1.0), options=TranscribeOptions(original=EncodedAudio(AUDIO, "a.wav")))
+    finally:
+        stop.set()
+        server.close()
+
+    assert time.monotonic() - started < 2.0
+    assert caught.value.transient is True
+    assert "1 s" in caught.value.message
+
+
+def test_an_answer_larger_than_the_bound_is_not_read(relay: RelayServer) -> None:
+    relay.static_body = {"text": "word " * 400}
+    client = RelayClient(base_url=relay.base_url, api_key=KEY, model="whisper-1", timeout_s=5, max_response_bytes=1000)
+
+    with pytest.raises(UpstreamShapeMismatch) as caught:
+        client.transcribe(seconds_of_samples(1.0), options=TranscribeOptions(original=EncodedAudio(AUDIO, "a.wav")))
+
+    assert "larger than 1000 bytes" in caught.value.message
+    assert caught.value.transient is False
+    relay.static_body = {"text": "word " * 100}  # under the bound: read as usual
+    assert client.transcribe(seconds_of_samples(1.0), options=TranscribeOptions()).text.split() == ["word"] * 100
 
 
 def test_429_is_rate_limited_with_the_relays_retry_after(relay: RelayServer) -> None:
