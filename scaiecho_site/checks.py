@@ -176,6 +176,14 @@ def speech_engine_check(app_configs: Any = None, **kwargs: Any) -> list[checks.C
                     id="scaiecho.E006",
                 )
             )
+    if not 0 <= settings.SCAIECHO_STREAM_CONTEXT_SECONDS <= 10:
+        errors.append(
+            checks.Error(
+                f"SCAIECHO_STREAM_CONTEXT_SECONDS is {settings.SCAIECHO_STREAM_CONTEXT_SECONDS}.",
+                hint="Use 0 (no context) to 10 seconds, e.g. 3.",
+                id="scaiecho.E006",
+            )
+        )
     return errors
 
 

@@ -61,6 +61,10 @@ class BatchingEngine(Engine):
         self._thread = threading.Thread(target=self._run, name="scaiecho-batcher", daemon=True)
         self._thread.start()
 
+    @property
+    def supports_prefix(self) -> bool:
+        return self.inner.supports_prefix
+
     def load(self) -> None:
         self.inner.load()
 

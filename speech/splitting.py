@@ -109,12 +109,16 @@ def ranges(*, total: int, cuts: Sequence[int]) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
-def shifted(result: TranscriptionResult, *, start_s: float, end_s: float) -> TranscriptionResult:
+def shifted(
+    result: TranscriptionResult, *, start_s: float, end_s: float, by_s: float | None = None
+) -> TranscriptionResult:
     """``result`` of a piece moved onto the whole file's clock (kept inside the piece's span, so the
-    joined timestamps never run backwards where a model stretched a last segment)."""
+    joined timestamps never run backwards where a model stretched a last segment). ``by_s``: move
+    by that much instead of ``start_s`` (a decode of context and a span, onto the span's clock)."""
+    move = start_s if by_s is None else by_s
 
     def at(t: float) -> float:
-        return round(min(max(t + start_s, start_s), end_s), 3)
+        return round(min(max(t + move, start_s), end_s), 3)
 
     segments = [
         replace(

@@ -336,6 +336,7 @@ class StreamWorker:
             decoder=lane.decoder,
             prompt=message.get("prompt") or None,
             beam_size=settings.SCAIECHO_STREAM_BEAM_SIZE,
+            context_seconds=settings.SCAIECHO_STREAM_CONTEXT_SECONDS,
         )
         session = _Session(reply_to=message["reply_to"], transcriber=transcriber, lane=lane)
         if message.get("diarize"):

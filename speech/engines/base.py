@@ -72,6 +72,10 @@ class TranscribeOptions:
     word_timestamps: bool = False
     # Text that conditions the decoder (names, spelling); ``None`` for none.
     prompt: str | None = None
+    # Text the decode must begin with: what the first part of the samples is already known to say
+    # (a stream decodes a span after audio it has finalized). The result holds only what follows
+    # it, timed on the samples' own clock. Only engines whose ``supports_prefix`` is true take one.
+    prefix: str | None = None
     # Beam search width; ``None`` (or 1) decodes greedily.
     beam_size: int | None = None
     # The upload as sent, when there is one: the relay forwards it rather than re-encoding samples.
@@ -107,6 +111,8 @@ class Engine(ABC):
 
     name: ClassVar[str]
     device: str = "cpu"
+    # Whether ``transcribe`` honours ``TranscribeOptions.prefix`` (a live stream's short windows do).
+    supports_prefix: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.lock = threading.RLock()

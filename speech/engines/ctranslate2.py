@@ -406,8 +406,12 @@ class CTranslate2Engine(Engine):
         first = tokenizer_for(languages[0])
         suppress = list(get_suppressed_tokens(first, [-1]))
         previous = first.encode(" " + options.prompt.strip()) if options.prompt else []
+        # A prefix is for one-segment decodes (a stream's short windows), not timestamped windows.
+        prefix_text = options.prefix.strip() if options.prefix and not timestamps else None
+        prefix = first.encode(" " + prefix_text) if prefix_text else []
         prompts = [
-            model.get_prompt(tokenizer_for(code), previous, without_timestamps=not timestamps) for code in languages
+            model.get_prompt(tokenizer_for(code), previous, without_timestamps=not timestamps, prefix=prefix_text)
+            for code in languages
         ]
         longest = max(len(prompt) for prompt in prompts)
         max_length = min(_MAX_LENGTH, longest + max_new_tokens) if max_new_tokens else _MAX_LENGTH
@@ -468,6 +472,9 @@ class CTranslate2Engine(Engine):
         aligned: list[list[dict[str, Any]]] = []
         for index, window in enumerate(windows):
             tokens, avg_logprob, no_speech = final[index] or ([], 0.0, 1.0)
+            # The result begins with the prefix: its words are aligned with the rest, then dropped.
+            known = prefix if prefix and tokens[: len(prefix)] == prefix else []
+            tokens = tokens[len(known) :]
             tokenizer = tokenizer_for(languages[index])
             duration = window.size / SAMPLE_RATE
             decoded = _Decoded(language=languages[index], avg_logprob=avg_logprob, no_speech_prob=no_speech)
@@ -488,6 +495,10 @@ class CTranslate2Engine(Engine):
                     piece["text"] = tokenizer.decode(piece["tokens"]).strip()
                     piece["words"] = None
                 decoded.pieces = [piece for piece in pieces if piece["text"]]
+                if known and decoded.pieces:
+                    decoded.pieces.insert(
+                        0, {"seek": 0, "start": 0.0, "end": 0.0, "tokens": known, "text": "", "known": True}
+                    )
             results.append(decoded)
             aligned.append(decoded.pieces)
         if options.word_timestamps and any(aligned):
@@ -500,6 +511,8 @@ class CTranslate2Engine(Engine):
                 for pieces, kept in zip(aligned, spans, strict=True):
                     for piece, (start, end) in zip(pieces, kept, strict=True):
                         piece["start"], piece["end"] = start, end
+        for decoded in results:
+            decoded.pieces = [piece for piece in decoded.pieces if not piece.get("known")]
         return results
 
     def _add_words(
@@ -615,6 +628,7 @@ class ShortWindowCTranslate2(ShortWindowEngine):
                         temperature=float(options.temperature or 0.0),
                         word_timestamps=options.word_timestamps,
                         prompt=options.prompt,
+                        prefix=options.prefix,
                         beam_size=options.beam_size,
                     ),
                     timestamps=False,

@@ -27,6 +27,8 @@ class ShortWindowEngine(Engine):
     :meth:`transcribe_batch`, with an encoder window of :meth:`window_s`.
     """
 
+    supports_prefix = True
+
     def __init__(self, engine: Engine, *, margin_s: float = 1.5, min_window_s: float = 4.0) -> None:
         super().__init__()
         self.engine = engine
@@ -47,7 +49,7 @@ class ShortWindowEngine(Engine):
 
     def transcribe(self, samples: np.ndarray, *, options: TranscribeOptions) -> TranscriptionResult:
         """Decode one short span (at ``options.temperature``, default 0; greedy unless
-        ``options.beam_size``), one segment."""
+        ``options.beam_size``), one segment; after ``options.prefix``, when given."""
         return self.transcribe_batch([samples], options=options)[0]
 
     @abstractmethod

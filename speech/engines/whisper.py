@@ -397,6 +397,7 @@ def _decode_windows(
             # Speech is ~3 words (~4 tokens) a second; a cap well above that stops loops early.
             sample_len=min(224, int(12 + 8 * longest)),
             prompt=options.prompt or None,
+            prefix=options.prefix or None,
             # Beam search at temperature 0 only; the fallback samples (as whisper.transcribe does).
             beam_size=options.beam_size if (options.beam_size or 1) > 1 and temperature == 0 else None,
             fp16=fp16,
@@ -431,7 +432,11 @@ def _decode_windows(
         words = None
         text_tokens = [t for t in output.tokens if t < tokenizer.eot]
         if options.word_timestamps:
-            timings = find_alignment(short, tokenizer, text_tokens, mel[index], samples.size // 160)
+            # The prefix's words are aligned with the rest (they are what the audio begins with), then dropped.
+            known = tokenizer.encode(" " + options.prefix.strip()) if options.prefix else []
+            timings = find_alignment(short, tokenizer, known + text_tokens, mel[index], samples.size // 160)
+            while known and timings:
+                known = known[len(timings.pop(0).tokens) :]
             words = _merge_words(
                 [(t.word, float(t.start), float(t.end), float(t.probability)) for t in timings], duration
             )

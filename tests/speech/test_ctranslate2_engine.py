@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from whisper.normalizers import EnglishTextNormalizer
 
 from bench.corpus import asterisk_prompt
 from speech.audio import SAMPLE_RATE, decode_audio
@@ -192,6 +193,24 @@ def test_a_prompt_conditions_the_decoder(engine, clips) -> None:
     assert "dashwood" in result.text.lower()
 
 
+def test_a_prefix_is_what_the_audio_begins_with_and_the_result_what_follows(engine) -> None:
+    """A stream decodes a short turn after the audio of the final before it, whose text is the
+    decode's forced beginning: the result is only the turn's words, timed on the samples' clock."""
+    audio = _excerpt("ast-lib", 0.3, 4.4)  # "he might even have been made amiable himself" | "Thank you."
+
+    result = engine.stream_decoder().transcribe(
+        audio,
+        options=TranscribeOptions(
+            language="en", word_timestamps=True, beam_size=5, prefix="He might even have been made amiable himself."
+        ),
+    )
+
+    assert result.text == "Thank you."
+    assert _words(result) == ["Thank", "you."]
+    thank = result.segments[0].words[0]  # said at 3.15-3.77 s of the excerpt
+    assert 2.7 <= thank.start < 3.6, result.segments[0].words
+
+
 def test_an_english_only_model_refuses_german(tiny_en: CTranslate2Engine) -> None:
     with pytest.raises(ValidationError) as excinfo:
         tiny_en.transcribe(np.zeros(SAMPLE_RATE, np.float32), options=TranscribeOptions(language="de"))
@@ -278,6 +297,20 @@ def _stream_timed(
 
 def _stream_finals(engine: CTranslate2Engine, audio: np.ndarray) -> list[str]:
     return [delta.text for _, delta in _stream_timed(engine, audio) if delta.is_final]
+
+
+def test_a_short_turn_is_heard_after_the_words_before_it(engine: CTranslate2Engine) -> None:
+    """Issue 10 (stream WER against batch): a short turn decoded alone has no context ("10 of
+    clothes" here; wrong at all five start offsets of ``bench.stream_quality``); decoded after the
+    last seconds of the final before it, as a batch window would hear it, it is "ten of clubs"
+    (right at all five)."""
+    audio = _excerpt("cards-ast-alsa", 0.0, 10.4)  # "... without prepending." | "ten of clubs" (9.21-9.97 s)
+
+    finals = [delta for _, delta in _stream_timed(engine, audio) if delta.is_final]
+
+    said = [d for d in finals if d.end > 9.2 and d.start < 10.0]
+    assert said, finals
+    assert "10 of clubs" in EnglishTextNormalizer()(" ".join(d.text for d in said)), finals
 
 
 def test_a_stream_too_far_behind_for_partials_keeps_both_voices_of_its_final(engine: CTranslate2Engine) -> None:

@@ -23,6 +23,7 @@ from speech.engines.weights import (
     load_whisper_model,
 )
 from speech.engines.whisper import WhisperEngine
+from tests.conversations import conversations
 from tests.voices import synth_speech, word_error_rate
 
 pytestmark = pytest.mark.slow
@@ -170,3 +171,22 @@ def test_tiny_en_transcribes_english(tmp_path: Path) -> None:
 
     assert word_error_rate(text, result.text) <= 0.25, result.text
     assert result.language == "en"
+
+
+def test_a_prefix_is_what_the_audio_begins_with_and_the_result_what_follows(engine: WhisperEngine) -> None:
+    """As with CTranslate2 (``test_ctranslate2_engine``): the short-window decoder hears the text
+    of the audio before a turn as its forced beginning and answers with the turn alone."""
+    call = next(c for c in conversations(band="wideband") if c.name == "ast-lib")
+    audio = call.samples[int(0.3 * SAMPLE_RATE) : int(4.4 * SAMPLE_RATE)]  # "... amiable himself" | "Thank you."
+
+    result = engine.stream_decoder().transcribe(
+        audio,
+        options=TranscribeOptions(
+            language="en", word_timestamps=True, beam_size=5, prefix="He might even have been made amiable himself."
+        ),
+    )
+
+    assert result.text == "Thank you."
+    words = result.segments[0].words or []
+    assert [w.word for w in words] == ["Thank", "you."]
+    assert 2.7 <= words[0].start < 3.6, words  # said at 3.15-3.77 s of the excerpt
