@@ -12,7 +12,7 @@ costs no decode of its own. No final spans more than ``max_span_seconds`` (the d
 most 30 s), and a final decode that comes back much shorter than the partial before it (Whisper
 looping on one word, or skipping what the prompt already said) gives way to that partial's words:
 text heard once is never dropped. Finals are never changed or sent again. Each decode begins
-with the audio of the latest finals (``context_seconds``, 3 s), their text its forced prefix: a
+with the audio of the latest finals (``context_seconds``, off by default), their text its forced prefix: a
 short turn ("seven of clubs") is heard after the words before it, not alone, as a batch window
 would hear it.
 
@@ -297,7 +297,7 @@ class StreamSession:
         clock: Callable[[], float] = time.perf_counter,
         prompt: str | None = None,
         beam_size: int | None = 5,
-        context_seconds: float = 3.0,
+        context_seconds: float = 0.0,
     ) -> None:
         if not 0.5 <= chunk_seconds <= 30:
             raise ValueError("chunk_seconds must be between 0.5 and 30")

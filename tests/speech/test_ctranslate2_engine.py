@@ -8,6 +8,7 @@ import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -274,6 +275,7 @@ def _stream_timed(
     *,
     behind: bool = False,
     decode_seconds: float | Callable[[], float] = 0.0,
+    **options: Any,
 ) -> list[tuple[float, Delta]]:
     """The deltas of ``audio`` streamed in 0.1 s chunks at real-time pace (simulated clock), or with
     the caller's clock far ahead of the audio (``behind``: a loaded worker, finals only), each with
@@ -281,7 +283,7 @@ def _stream_timed(
     or what the callable returns for each (a loaded worker, deterministically), and the clock runs
     ahead of the audio by what they cost."""
     cost = decode_seconds if callable(decode_seconds) else lambda: decode_seconds
-    session = StreamSession(engine)
+    session = StreamSession(engine, **options)
     step = SAMPLE_RATE // 10
     timed = []
     clock = 0.0
@@ -306,7 +308,7 @@ def test_a_short_turn_is_heard_after_the_words_before_it(engine: CTranslate2Engi
     (right at all five)."""
     audio = _excerpt("cards-ast-alsa", 0.0, 10.4)  # "... without prepending." | "ten of clubs" (9.21-9.97 s)
 
-    finals = [delta for _, delta in _stream_timed(engine, audio) if delta.is_final]
+    finals = [delta for _, delta in _stream_timed(engine, audio, context_seconds=3.0) if delta.is_final]
 
     said = [d for d in finals if d.end > 9.2 and d.start < 10.0]
     assert said, finals
