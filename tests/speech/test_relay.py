@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -18,6 +17,7 @@ from scaiecho_site.errors import BackendError, BackendRateLimited, BackendTimeou
 from speech.audio import SAMPLE_RATE
 from speech.engines.base import EncodedAudio, TranscribeOptions
 from speech.engines.relay import RelayClient, RelayRejected
+from tests.drip_server import dripping_server
 from tests.relay_server import RelayServer
 
 KEY = "relay-secret-5b1f0c9e77"
@@ -162,31 +162,12 @@ def test_a_relay_that_answers_a_byte_at_a_time_is_cut_off_at_the_timeout(stalls:
         "headers": b"HTTP/1.1 200 OK\r\n",
         "body": b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100000\r\n\r\n",
     }[stalls]
-    server = socket.create_server(("127.0.0.1", 0))
-    stop = threading.Event()
-
-    def drip() -> None:
-        conn, _ = server.accept()
-        with conn:
-            conn.recv(65536)
-            conn.sendall(start)
-            while not stop.wait(0.3):
-                try:
-                    conn.sendall(b"H" if stalls == "status line" else b"X" if stalls == "headers" else b" ")
-                except OSError:
-                    return
-
-    threading.Thread(target=drip, daemon=True).start()
-    client = RelayClient(
-        base_url=f"http://127.0.0.1:{server.getsockname()[1]}/v1", api_key=KEY, model="whisper-1", timeout_s=1.0
-    )
-    started = time.monotonic()
-    try:
+    drip = b"H" if stalls == "status line" else b"X" if stalls == "headers" else b" "
+    with dripping_server(start, drip) as port:
+        client = RelayClient(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, model="whisper-1", timeout_s=1.0)
+        started = time.monotonic()
         with pytest.raises(BackendTimeout) as caught:
             client.transcribe(seconds_of_samples(1.0), options=TranscribeOptions(original=EncodedAudio(AUDIO, "a.wav")))
-    finally:
-        stop.set()
-        server.close()
 
     assert time.monotonic() - started < 2.0
     assert caught.value.transient is True

@@ -11,7 +11,6 @@ between attempts, 3 attempts. The others call what the delivery task calls, in t
 from __future__ import annotations
 
 import re
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from standardwebhooks import Webhook, WebhookVerificationError
 
 from tenants.models import AuditEvent, Role, TenantPolicy
 from tenants.webhooks import destination_check, pinned_target
+from tests.drip_server import dripping_server
 from tests.factories import KeyFactory
 from tests.relay_server import DEFAULT_VERBOSE_JSON, RelayServer
 from tests.tenants.test_admin_scope import staff_user
@@ -500,31 +500,13 @@ def test_a_receiver_that_answers_a_byte_at_a_time_is_cut_off_at_the_attempts_tim
     still end at SCAIECHO_WEBHOOK_TIMEOUT_SECONDS (a webhook thread has no other limit)."""
     settings.SCAIECHO_WEBHOOK_TIMEOUT_SECONDS = 1.0
     start = {"status line": b"", "headers": b"HTTP/1.1 200 OK\r\n", "body": b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n"}[stalls]
-    server = socket.create_server(("127.0.0.1", 0))
-    stop = threading.Event()
-
-    def drip() -> None:
-        conn, _ = server.accept()
-        with conn:
-            conn.recv(65536)
-            conn.sendall(start)
-            while not stop.wait(0.3):
-                try:
-                    conn.sendall(b"x" if stalls == "body" else b"X-Slow: 1\r\n"[:1])
-                except OSError:
-                    return
-
-    threading.Thread(target=drip, daemon=True).start()
-    try:
+    with dripping_server(start, b"x" if stalls == "body" else b"X-Slow: 1\r\n"[:1]) as port:
         started = time.monotonic()
         answer, retryable = post_signed(
-            url=f"http://127.0.0.1:{server.getsockname()[1]}/hook", addresses=(), message_id="msg_1", body=b"{}",
+            url=f"http://127.0.0.1:{port}/hook", addresses=(), message_id="msg_1", body=b"{}",
             secret="whsec_" + "A" * 43 + "=",
         )  # fmt: skip
         took = time.monotonic() - started
-    finally:
-        stop.set()
-        server.close()
     assert took < 2.0, took
     if stalls == "body":
         assert answer.status_code == 200  # what came in time is kept
