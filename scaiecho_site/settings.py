@@ -369,7 +369,7 @@ SCAIECHO_WHISPER_BEAM_SIZE = env_int("SCAIECHO_WHISPER_BEAM_SIZE", 5)
 SCAIECHO_STREAM_BEAM_SIZE = env_int("SCAIECHO_STREAM_BEAM_SIZE", 5)
 # Seconds of a stream's finalized audio that go before each decode of what follows, its text the
 # decode's forced beginning: short turns are heard in context (bench/README.md); 0 turns it off.
-SCAIECHO_STREAM_CONTEXT_SECONDS = env_float("SCAIECHO_STREAM_CONTEXT_SECONDS", 0.0)
+SCAIECHO_STREAM_CONTEXT_SECONDS = env_float("SCAIECHO_STREAM_CONTEXT_SECONDS", 3.0)
 # On CUDA, concurrent callers in one worker (jobs' windows, stream sessions' spans) are gathered
 # into one batched pass: at most this many windows, waiting at most this long for company.
 SCAIECHO_GPU_MAX_BATCH = env_int("SCAIECHO_GPU_MAX_BATCH", 16)

@@ -12,7 +12,7 @@ costs no decode of its own. No final spans more than ``max_span_seconds`` (the d
 most 30 s), and a final decode that comes back much shorter than the partial before it (Whisper
 looping on one word, or skipping what the prompt already said) gives way to that partial's words:
 text heard once is never dropped. Finals are never changed or sent again. Each decode begins
-with the audio of the latest finals (``context_seconds``, off by default), their text its forced prefix: a
+with the audio of the latest finals (``context_seconds``, 3 s by default), their text its forced prefix: a
 short turn ("seven of clubs") is heard after the words before it, not alone, as a batch window
 would hear it.
 
@@ -297,7 +297,7 @@ class StreamSession:
         clock: Callable[[], float] = time.perf_counter,
         prompt: str | None = None,
         beam_size: int | None = 5,
-        context_seconds: float = 0.0,
+        context_seconds: float = 3.0,
     ) -> None:
         if not 0.5 <= chunk_seconds <= 30:
             raise ValueError("chunk_seconds must be between 0.5 and 30")
@@ -451,7 +451,10 @@ class StreamSession:
         finals (``context_seconds``) goes before it, their text the decode's forced beginning: a
         short turn is then heard after the words before it ("Seven of clubs." rather than "7 of
         clothes"). A decode that says a run of the context's words again (Whisper starting the
-        context's sentence over) is done again without it."""
+        context's sentence over), or whose word times leave speech of the span unheard (after a
+        reader's sentence, Whisper went on with the reader and skipped the other voice between:
+        "... than he was." | "Aless to be rather cold" for "Press star to cancel this message.
+        Unless to be rather cold"), is done again without it."""
         started = self._clock()
         result = None
         left, known = self._left_context() if use_prompt and from_start else (np.zeros(0, dtype=np.float32), "")
@@ -466,7 +469,9 @@ class StreamSession:
             new = [w.word for seg in result.segments for w in seg.words or []] or " ".join(
                 seg.text for seg in result.segments
             ).split()
-            if _repeats(known.split(), new, CONTEXT_REPEAT_WORDS):
+            if _repeats(known.split(), new, CONTEXT_REPEAT_WORDS) or (
+                word_timestamps and self._skips_speech(result, audio.size)
+            ):
                 self.stats.count += 1
                 result = None
         if result is None:
@@ -479,6 +484,12 @@ class StreamSession:
         self.stats.seconds += spent
         self.stats.samples.append((audio.size / SAMPLE_RATE, spent))
         return self._filter(result, audio)
+
+    def _skips_speech(self, result: TranscriptionResult, size: int) -> bool:
+        """Whether the words of ``result``, a decode of the span's first ``size`` samples, leave a
+        run of its speech unheard (``_uncovered``)."""
+        words = [w for seg in result.segments for w in seg.words or []]
+        return bool(self._uncovered(words, size))
 
     def _transcribe(self, audio: np.ndarray, word_timestamps: bool, prompt: str, prefix: str) -> TranscriptionResult:
         return self.decoder.transcribe(

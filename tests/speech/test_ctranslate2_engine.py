@@ -315,6 +315,20 @@ def test_a_short_turn_is_heard_after_the_words_before_it(engine: CTranslate2Engi
     assert "10 of clubs" in EnglishTextNormalizer()(" ".join(d.text for d in said)), finals
 
 
+def test_a_voice_after_the_context_is_not_skipped(engine: CTranslate2Engine) -> None:
+    """Regression (issue 10, no final loses text): after a reader's "... than he was.", the decode
+    with that context went on with the reader and skipped the other voice between ("Press star to
+    cancel the unless to be rather cold", "this message" lost); such a decode, whose word times
+    leave speech unheard, is done again without the context."""
+    audio = _excerpt("ast-lib", 9.0, 27.5)  # "... than he was." | "Press star to cancel this message." | "Unless ..."
+
+    finals = [delta.text for _, delta in _stream_timed(engine, audio, context_seconds=3.0) if delta.is_final]
+
+    words = normalised_words(" ".join(finals))
+    between = words[words.index("cancel") + 1 : words.index("unless")]
+    assert "this" in between, finals
+
+
 def test_a_stream_too_far_behind_for_partials_keeps_both_voices_of_its_final(engine: CTranslate2Engine) -> None:
     """Regression (issue 10, text lost under load): a worker too far behind makes a final of a span
     without partials. Whisper decodes this one (a reader's sentence, then another voice's "ten of
