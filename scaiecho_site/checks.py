@@ -184,6 +184,14 @@ def speech_engine_check(app_configs: Any = None, **kwargs: Any) -> list[checks.C
                 id="scaiecho.E006",
             )
         )
+    if not 0.5 <= settings.SCAIECHO_STREAM_COMMIT_SECONDS <= 30:
+        errors.append(
+            checks.Error(
+                f"SCAIECHO_STREAM_COMMIT_SECONDS is {settings.SCAIECHO_STREAM_COMMIT_SECONDS}.",
+                hint="Use 0.5 to 30 seconds, e.g. 2.",
+                id="scaiecho.E006",
+            )
+        )
     return errors
 
 

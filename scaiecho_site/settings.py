@@ -370,6 +370,11 @@ SCAIECHO_STREAM_BEAM_SIZE = env_int("SCAIECHO_STREAM_BEAM_SIZE", 5)
 # Seconds of a stream's finalized audio that go before each decode of what follows, its text the
 # decode's forced beginning: short turns are heard in context (bench/README.md); 0 turns it off.
 SCAIECHO_STREAM_CONTEXT_SECONDS = env_float("SCAIECHO_STREAM_CONTEXT_SECONDS", 3.0)
+# A Backend A stream's words that two decodes agree on become final once the span since the last
+# final is this long (or the client's chunk_seconds, if shorter), not only at a clause end. 2 gets a
+# turn that the next voice follows without a pause its final sooner, but splits finals more and
+# costs the phone band words (bench/README.md).
+SCAIECHO_STREAM_COMMIT_SECONDS = env_float("SCAIECHO_STREAM_COMMIT_SECONDS", 5.0)
 # On CUDA, concurrent callers in one worker (jobs' windows, stream sessions' spans) are gathered
 # into one batched pass: at most this many windows, waiting at most this long for company.
 SCAIECHO_GPU_MAX_BATCH = env_int("SCAIECHO_GPU_MAX_BATCH", 16)

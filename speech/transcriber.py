@@ -75,6 +75,9 @@ SPARE_WORD_PROBABILITY = 0.1
 # the next word's start plus the slack.
 CUT_PAUSE_SECONDS = 0.5
 CUT_PAUSE_SLACK_SECONDS = 0.1
+# A decode's last word, which two decodes agree on, is final only when it ends at least this long
+# before the decoded audio does, at a pause (the word was not cut off by the audio's end).
+LAST_WORD_MARGIN_SECONDS = 0.5
 
 # Speech this long that no word of a fresh final decode covers (by word times, give or take
 # GAP_WORD_SLACK_SECONDS) is decoded on its own and its words put in their place (see ``_fill_gaps``).
@@ -668,8 +671,11 @@ class StreamSession:
             hyp.words[agreed].word
         ):
             agreed += 1
-        # The last word of a decode is often cut mid-word; never commit it alone by agreement.
-        agreed = min(agreed, len(hyp.words) - 1)
+        # The last word of a decode is often cut mid-word; it is committed by agreement only where
+        # the speech pauses after it, well before the audio ends (a turn's "... the pound key."
+        # with the next voice's first words not yet heard).
+        if agreed and agreed == len(hyp.words) and not self._heard_whole(hyp.words[-1], span_s):
+            agreed -= 1
         cut = 0
         for i in range(agreed):
             if _CLAUSE_END.search(hyp.words[i].word):
@@ -686,6 +692,13 @@ class StreamSession:
             self._previous = hyp.words
             return []
         return self._cut(hyp, cut)
+
+    def _heard_whole(self, word: Word, span_s: float) -> bool:
+        """Whether ``word``, a decode's last, ends ``LAST_WORD_MARGIN_SECONDS`` before the span's
+        end at a pause the VAD heard."""
+        end = int(word.end * SAMPLE_RATE)
+        reach = int(CUT_PAUSE_SECONDS * SAMPLE_RATE)
+        return word.end <= span_s - LAST_WORD_MARGIN_SECONDS and self._pause_after(end, reach) != end
 
     def _cut(self, hyp: _Hypothesis, cut: int) -> list[Delta]:
         """Finalize ``hyp``'s first ``cut`` words and drop the audio up to the last one's end; the

@@ -52,7 +52,8 @@ SUBPROTOCOL = "realtime"
 # OpenAI's model that labels speakers; asking for it turns on our diarization.
 DIARIZE_MODEL = "gpt-4o-transcribe-diarize"
 DEFAULT_MODEL = "whisper-1"
-# Finals of one span are cut at clause ends, or at the latest after this many seconds of speech.
+# Finals of one span are cut at clause ends, or at the latest after this many seconds of speech
+# (the stream worker takes SCAIECHO_STREAM_COMMIT_SECONDS where that is shorter).
 CHUNK_SECONDS = 5.0
 # OpenAI refuses to commit less audio than this.
 MIN_COMMIT_MS = 100

@@ -331,7 +331,7 @@ class StreamWorker:
         lane.sessions += 1
         transcriber = StreamSession(
             lane.engine,
-            chunk_seconds=float(message.get("chunk_seconds", 5.0)),
+            chunk_seconds=min(float(message.get("chunk_seconds", 5.0)), settings.SCAIECHO_STREAM_COMMIT_SECONDS),
             language=message.get("language") or None,
             decoder=lane.decoder,
             prompt=message.get("prompt") or None,

@@ -329,6 +329,36 @@ def test_a_voice_after_the_context_is_not_skipped(engine: CTranslate2Engine) -> 
     assert "this" in between, finals
 
 
+def test_a_turn_the_next_voice_follows_without_a_pause_is_final_soon(engine: CTranslate2Engine) -> None:
+    """Issue 10 (stream final p95): "... followed by the pound key." and 0.29 s later another voice
+    ("And Mr. John Dashwood ..."), too short a pause to end the span. Two decodes agreed on "key."
+    as their last word, which was never final by agreement (it may be cut off by the audio's end):
+    it waited for the next voice's words, 3 s after the turn. Said before a pause, well before the
+    audio's end, it is final with the rest of the turn."""
+    audio = _excerpt("ast-lib-long", 14.0, 27.0)  # the turn ends at 7.09 s here
+    turn_end = 7.09
+
+    timed = _stream_timed(engine, audio, decode_seconds=0.3)
+
+    arrivals = [at for at, delta in timed if delta.is_final and delta.end >= turn_end - 0.25]
+    finals = [delta.text for _, delta in timed if delta.is_final]
+    assert arrivals, finals
+    assert arrivals[0] - turn_end <= 2.5, (arrivals, finals)
+    assert "key" in normalised_words(" ".join(finals)), finals
+
+
+def test_a_decode_that_hears_nothing_after_words_agreed_before_does_not_stop_the_stream(engine: CTranslate2Engine) -> None:
+    """Regression: in this real phone-band call a decode came back empty after a partial with
+    words, and the check of a decode's last word looked for a word that was not there: the stream
+    raised ``IndexError`` and ended. It reads on to the end, every turn in its finals."""
+    call = next(c for c in conversations(band="phone") if c.name == "ast-dhd-cards")
+    reference = " ".join(turn.text for turn in call.turns if turn.text)
+
+    finals = [delta.text for _, delta in _stream_timed(engine, call.samples) if delta.is_final]
+
+    assert word_error_rate(reference, " ".join(finals)) <= 0.15, finals
+
+
 def test_a_stream_too_far_behind_for_partials_keeps_both_voices_of_its_final(engine: CTranslate2Engine) -> None:
     """Regression (issue 10, text lost under load): a worker too far behind makes a final of a span
     without partials. Whisper decodes this one (a reader's sentence, then another voice's "ten of

@@ -125,6 +125,9 @@ def test_production_refuses_to_start_without_a_webhook_secret_key(tmp_path):
     result = run_check(clean_env(tmp_path, SCAIECHO_STREAM_CONTEXT_SECONDS="-1"))
     assert result.returncode != 0
     assert "SCAIECHO_STREAM_CONTEXT_SECONDS" in result.stderr
+    result = run_check(clean_env(tmp_path, SCAIECHO_STREAM_COMMIT_SECONDS="0.1"))
+    assert result.returncode != 0
+    assert "SCAIECHO_STREAM_COMMIT_SECONDS" in result.stderr
 
 
 def test_production_with_everything_set_passes(tmp_path):
