@@ -140,6 +140,13 @@ WHISPER_ENGINES = ("ctranslate2", "openai-whisper")
 CTRANSLATE2_COMPUTE_TYPES = ("", "default", "auto", "int8", "int8_float16", "int8_float32", "int8_bfloat16", "int16", "float16", "bfloat16", "float32")
 
 
+# (setting, lowest, highest, hint) of the stream decoding settings in seconds.
+STREAM_SECONDS_RANGES = (
+    ("SCAIECHO_STREAM_CONTEXT_SECONDS", 0, 10, "Use 0 (no context) to 10 seconds, e.g. 3."),
+    ("SCAIECHO_STREAM_COMMIT_SECONDS", 0.5, 30, "Use 0.5 to 30 seconds, e.g. 5 (2 for sooner finals)."),
+)
+
+
 @checks.register(PRODUCTION_TAG)
 def speech_engine_check(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     """The engine settings are checked in any mode: a typo would otherwise fail at the first job."""
@@ -176,22 +183,9 @@ def speech_engine_check(app_configs: Any = None, **kwargs: Any) -> list[checks.C
                     id="scaiecho.E006",
                 )
             )
-    if not 0 <= settings.SCAIECHO_STREAM_CONTEXT_SECONDS <= 10:
-        errors.append(
-            checks.Error(
-                f"SCAIECHO_STREAM_CONTEXT_SECONDS is {settings.SCAIECHO_STREAM_CONTEXT_SECONDS}.",
-                hint="Use 0 (no context) to 10 seconds, e.g. 3.",
-                id="scaiecho.E006",
-            )
-        )
-    if not 0.5 <= settings.SCAIECHO_STREAM_COMMIT_SECONDS <= 30:
-        errors.append(
-            checks.Error(
-                f"SCAIECHO_STREAM_COMMIT_SECONDS is {settings.SCAIECHO_STREAM_COMMIT_SECONDS}.",
-                hint="Use 0.5 to 30 seconds, e.g. 2.",
-                id="scaiecho.E006",
-            )
-        )
+    for name, low, high, hint in STREAM_SECONDS_RANGES:
+        if not low <= getattr(settings, name) <= high:
+            errors.append(checks.Error(f"{name} is {getattr(settings, name)}.", hint=hint, id="scaiecho.E006"))
     return errors
 
 
