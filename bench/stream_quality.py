@@ -46,14 +46,18 @@ class BandResult:
     words: int = 0
     latencies: list[float] = field(default_factory=list)
     missed: int = 0
+    lost: int = 0  # turns whose last word no final holds, even misheard (``lost_turns``)
+    lost_turns: list[str] = field(default_factory=list)
     compute_s: float = 0.0
     errors_by_offset: dict[float, int] = field(default_factory=dict)
     words_by_offset: dict[float, int] = field(default_factory=dict)
 
 
-def stream(engine: Any, samples: np.ndarray, *, session_options: dict[str, Any], free: bool) -> tuple[list[list[Any]], float]:
+def stream(
+    engine: Any, samples: np.ndarray, *, session_options: dict[str, Any], free: bool, slowdown: float = 1.0
+) -> tuple[list[list[Any]], float]:
     """Every final of ``samples`` as ``[start, end, text, arrival]`` on the simulated clock, and
-    the decode compute in seconds."""
+    the decode compute in seconds; each decode moves the clock on by ``slowdown`` times its compute."""
     from speech.transcriber import StreamSession
 
     session = StreamSession(engine, **session_options)
@@ -63,7 +67,7 @@ def stream(engine: Any, samples: np.ndarray, *, session_options: dict[str, Any],
     def take(deltas: list[Any], spent_before: float) -> None:
         nonlocal clock
         if not free:
-            clock += session.stats.seconds - spent_before
+            clock += slowdown * (session.stats.seconds - spent_before)
         finals.extend([d.start, d.end, d.text, clock] for d in deltas if d.is_final)
 
     for first in range(0, samples.size, PIECE):
@@ -85,6 +89,38 @@ def errors_of(reference: str, hypothesis: str) -> tuple[int, int]:
     return out.substitutions + out.deletions + out.insertions, len(ref.split())
 
 
+def lost_turns(turns: list[Any], finals: list[list[Any]]) -> list[str]:
+    """The texts of the turns whose last word is in no final: aligned with all the finals' words
+    as for WER (``jiwer``), it is deleted, not matched or substituted, and no final near the turn
+    holds it. A misheard last word is there; a final that dropped the turn's tail is not."""
+    import jiwer
+
+    normalizer = _normalizer()
+
+    def norm(text: str) -> list[str]:  # the normalizer leaves "..." as "."
+        return [word for word in normalizer(text).split() if any(c.isalnum() for c in word)]
+
+    reference: list[str] = []
+    lasts = []
+    for turn in turns:
+        reference += norm(turn.text or "")
+        lasts.append(len(reference) - 1)
+    said = " ".join(norm(" ".join(final[2] for final in finals))) or "<empty>"
+    deleted: set[int] = set()
+    for chunk in jiwer.process_words(" ".join(reference), said).alignments[0]:
+        if chunk.type == "delete":
+            deleted.update(range(chunk.ref_start_idx, chunk.ref_end_idx))
+    lost = []
+    for turn, last in zip(turns, lasts, strict=True):
+        words = norm(turn.text or "")
+        if not words or last not in deleted:
+            continue
+        near = norm(" ".join(f[2] for f in finals if f[1] >= turn.start - 0.5 and f[0] <= turn.end + 1.0))
+        if words[-1] not in near:
+            lost.append(turn.text)
+    return lost
+
+
 def run_band(engine: Any, band: str, offsets: list[float], args: argparse.Namespace, record: dict[str, Any]) -> BandResult:
     from tests.conversations import conversations
 
@@ -96,7 +132,11 @@ def run_band(engine: Any, band: str, offsets: list[float], args: argparse.Namesp
             silence = np.zeros(int(offset * RATE), dtype=np.float32)
             turns = [replace(turn, start=turn.start + offset, end=turn.end + offset) for turn in conv.turns]
             finals, compute_s = stream(
-                engine, np.concatenate([silence, conv.samples]), session_options=args.session_options, free=args.free
+                engine,
+                np.concatenate([silence, conv.samples]),
+                session_options=args.session_options,
+                free=args.free,
+                slowdown=args.slowdown,
             )
             errors, words = errors_of(reference, " ".join(final[2] for final in finals))
             waits, missed = latencies(turns, finals)
@@ -104,6 +144,9 @@ def run_band(engine: Any, band: str, offsets: list[float], args: argparse.Namesp
             result.words += words
             result.latencies += waits
             result.missed += missed
+            lost = lost_turns(turns, finals)
+            result.lost += len(lost)
+            result.lost_turns += [f"{conv.name}@{offset:g}: {text}" for text in lost]
             result.compute_s += compute_s
             result.errors_by_offset[offset] = result.errors_by_offset.get(offset, 0) + errors
             result.words_by_offset[offset] = result.words_by_offset.get(offset, 0) + words
@@ -118,8 +161,10 @@ def report(band: str, result: BandResult) -> None:
     print(
         f"{band:8s} stream WER {100 * result.errors / result.words:5.2f} % ({result.errors}/{result.words})"
         f"  final latency p50 {p50:.2f} s p95 {p95:.2f} s over {len(result.latencies)} turns"
-        f"  missed {result.missed}  decode compute {result.compute_s:.0f} s"
+        f"  missed {result.missed}  lost {result.lost}  decode compute {result.compute_s:.0f} s"
     )
+    for turn in result.lost_turns:
+        print(f"{'':8s} lost: {turn}")
     spread = ", ".join(
         f"{offset:g} s: {100 * result.errors_by_offset[offset] / result.words_by_offset[offset]:.2f} %"
         for offset in result.errors_by_offset
@@ -140,6 +185,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--offsets", default=DEFAULT_OFFSETS, help=f"seconds of silence before each run (default {DEFAULT_OFFSETS})")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a StreamSession keyword, e.g. partial_interval=0.5")
     parser.add_argument("--free", action="store_true", help="decodes cost no simulated time")
+    parser.add_argument(
+        "--slowdown", type=float, default=1.0, help="each decode costs this many times its compute (sessions sharing a core)"
+    )
     parser.add_argument("--json", help="write every final here")
     args = parser.parse_args(argv)
     args.session_options = {name: _value(value) for name, _, value in (item.partition("=") for item in args.set)}
@@ -151,7 +199,12 @@ def main(argv: list[str] | None = None) -> None:
     engine.load()
     engine.warm_up()
     started = time.perf_counter()
-    record: dict[str, Any] = {"options": args.session_options, "offsets": offsets, "free": args.free}
+    record: dict[str, Any] = {
+        "options": args.session_options,
+        "offsets": offsets,
+        "free": args.free,
+        "slowdown": args.slowdown,
+    }
     bands = ["wideband", "phone"] if args.band == "both" else [args.band]
     results = {band: run_band(engine, band, offsets, args, record) for band in bands}
     print(f"\nStreamSession options {args.session_options or 'default'}, offsets {offsets}, {time.perf_counter() - started:.0f} s")

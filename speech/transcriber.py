@@ -460,6 +460,7 @@ class StreamSession:
         Unless to be rather cold"), is done again without it."""
         started = self._clock()
         result = None
+        skipping: _Hypothesis | None = None  # the decode with context that left speech unheard
         left, known = self._left_context() if use_prompt and from_start else (np.zeros(0, dtype=np.float32), "")
         if known:
             before = self._context[: len(self._context) - len(known)].strip()
@@ -472,11 +473,12 @@ class StreamSession:
             new = [w.word for seg in result.segments for w in seg.words or []] or " ".join(
                 seg.text for seg in result.segments
             ).split()
-            if _repeats(known.split(), new, CONTEXT_REPEAT_WORDS) or (
-                word_timestamps and self._skips_speech(result, audio.size)
-            ):
+            if _repeats(known.split(), new, CONTEXT_REPEAT_WORDS):
                 self.stats.count += 1
                 result = None
+            elif word_timestamps and self._skips_speech(result, audio.size):
+                self.stats.count += 1
+                skipping, result = self._filter(result, audio), None
         if result is None:
             # On a short span Whisper tends to echo the prompt (the previous utterance) as if it
             # were heard again; the prompt helps only once there is audio enough to outweigh it.
@@ -486,7 +488,13 @@ class StreamSession:
         self.stats.count += 1
         self.stats.seconds += spent
         self.stats.samples.append((audio.size / SAMPLE_RATE, spent))
-        return self._filter(result, audio)
+        hyp = self._filter(result, audio)
+        if skipping is not None and len(skipping.words) > len(hyp.words):
+            # Alone, the span was heard as less (a reader's "-disposed." and another voice after it
+            # came back as "All disposed.", so unsure that it counted as no speech): the decode
+            # with context stands, and the final's gap check decodes the speech it left out.
+            return skipping
+        return hyp
 
     def _skips_speech(self, result: TranscriptionResult, size: int) -> bool:
         """Whether the words of ``result``, a decode of the span's first ``size`` samples, leave a

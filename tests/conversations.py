@@ -397,7 +397,8 @@ def _key() -> str:
 
 def _save(path: Path, conv: Conversation) -> None:
     meta = json.dumps({"turns": [asdict(t) for t in conv.turns], "overlaps": conv.overlaps})
-    tmp = path.with_suffix(".tmp.npz")
+    # A name of this process's own: two processes building the set at once each write a whole file.
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
     np.savez(tmp, samples=conv.samples, meta=np.array(meta))
     os.replace(tmp, path)
 

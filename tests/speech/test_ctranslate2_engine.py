@@ -329,6 +329,24 @@ def test_a_voice_after_the_context_is_not_skipped(engine: CTranslate2Engine) -> 
     assert "this" in between, finals
 
 
+def test_words_a_decode_with_context_heard_are_kept_when_alone_the_span_sounds_like_no_speech(
+    engine: CTranslate2Engine,
+) -> None:
+    """Regression (issue 10, no final loses text; ``bench.stream_quality`` lost turns): a cut after
+    the reader's "... is to be ill" left "-disposed." and another voice's "Agent login." in the span.
+    With the reader's words as context the decode heard "-disposed." and skipped the other voice, so
+    it was done again alone, which heard "All disposed." so unsure that it counted as no speech: the
+    final of that span was empty and both words were lost. The decode with context now stands when
+    the one alone hears fewer words."""
+    audio = np.concatenate([np.zeros(int(0.37 * SAMPLE_RATE), np.float32), _excerpt("ast-lib-long", 0.0, 19.5)])
+
+    timed = _stream_timed(engine, audio, decode_seconds=0.5)
+
+    finals = [delta.text for _, delta in timed if delta.is_final]
+    words = normalised_words(" ".join(finals))
+    assert "disposed" in words[words.index("ill") :], finals
+
+
 def test_a_turn_the_next_voice_follows_without_a_pause_is_final_soon(engine: CTranslate2Engine) -> None:
     """Issue 10 (stream final p95): "... followed by the pound key." and 0.29 s later another voice
     ("And Mr. John Dashwood ..."), too short a pause to end the span. Two decodes agreed on "key."
