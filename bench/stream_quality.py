@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -54,10 +55,17 @@ class BandResult:
 
 
 def stream(
-    engine: Any, samples: np.ndarray, *, session_options: dict[str, Any], free: bool, slowdown: float = 1.0
+    engine: Any,
+    samples: np.ndarray,
+    *,
+    session_options: dict[str, Any],
+    free: bool,
+    slowdown: float = 1.0,
+    busy: float = 0.0,
 ) -> tuple[list[list[Any]], float]:
     """Every final of ``samples`` as ``[start, end, text, arrival]`` on the simulated clock, and
-    the decode compute in seconds; each decode moves the clock on by ``slowdown`` times its compute."""
+    the decode compute in seconds; each decode moves the clock on by ``slowdown`` times its compute,
+    and each piece is handed over as finals only with probability ``busy`` (seeded by the length)."""
     from speech.transcriber import StreamSession
 
     session = StreamSession(engine, **session_options)
@@ -70,10 +78,13 @@ def stream(
             clock += slowdown * (session.stats.seconds - spent_before)
         finals.extend([d.start, d.end, d.text, clock] for d in deltas if d.is_final)
 
+    lane = random.Random(samples.size)
     for first in range(0, samples.size, PIECE):
         clock = max(clock, (first + PIECE) / RATE)
         spent = session.stats.seconds
-        take(session.feed(samples[first : first + PIECE], now=clock), spent)
+        # A stream worker hands a feed over as finals only while its lane is busy (``now`` infinite).
+        now = float("inf") if busy and lane.random() < busy else clock
+        take(session.feed(samples[first : first + PIECE], now=now), spent)
     spent = session.stats.seconds
     take(session.close(), spent)
     return finals, session.stats.seconds
@@ -137,6 +148,7 @@ def run_band(engine: Any, band: str, offsets: list[float], args: argparse.Namesp
                 session_options=args.session_options,
                 free=args.free,
                 slowdown=args.slowdown,
+                busy=args.busy,
             )
             errors, words = errors_of(reference, " ".join(final[2] for final in finals))
             waits, missed = latencies(turns, finals)
@@ -188,6 +200,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--slowdown", type=float, default=1.0, help="each decode costs this many times its compute (sessions sharing a core)"
     )
+    parser.add_argument(
+        "--busy", type=float, default=0.0, help="share of pieces handed over as finals only (a lane busy with other sessions)"
+    )
     parser.add_argument("--json", help="write every final here")
     args = parser.parse_args(argv)
     args.session_options = {name: _value(value) for name, _, value in (item.partition("=") for item in args.set)}
@@ -204,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         "offsets": offsets,
         "free": args.free,
         "slowdown": args.slowdown,
+        "busy": args.busy,
     }
     bands = ["wideband", "phone"] if args.band == "both" else [args.band]
     results = {band: run_band(engine, band, offsets, args, record) for band in bands}

@@ -69,6 +69,10 @@ SPLIT_KEEPS = 0.8
 # still stands corrected.
 SPLIT_SPARE_WORDS = 1
 SPARE_WORD_PROBABILITY = 0.1
+# A run of at least LOST_RUN_WORDS of the partial's words that the span's final decode left out,
+# said at least this long before the final's words in its place began, was another voice (see
+# ``_with_dropped_voice``).
+DROPPED_LEAD_SECONDS = 0.3
 
 # A cut after confirmed words goes on to the VAD's pause within this long after the last one's end
 # (Whisper's word times end early: "Hello." ended 0.25 s before the speaker stopped), but not past
@@ -214,6 +218,28 @@ def _in_number(word: Word, words: list[Word]) -> bool:
         return False
     near = [w for w in words if w.start - GAP_NUMBER_SECONDS < word.end and word.start < w.end + GAP_NUMBER_SECONDS]
     return any(len(number) > len(key) and number.isdigit() and key in number for number in (_key(w.word) for w in near))
+
+
+def _with_dropped_voice(partial: list[Word], hyp: _Hypothesis) -> _Hypothesis:
+    """``hyp``, a span's final decode, with the runs of the span's partial (``partial``) that it
+    left out put back in their place: where two voices overlap Whisper hears one of them, and the
+    final decode may hear the other one than the partial did ("You are now muted." under "seven of
+    clubs": the partial held the first, the final "7 of clothes" only). A run counts when it is at
+    least ``LOST_RUN_WORDS`` words and began ``DROPPED_LEAD_SECONDS`` before the final's word in
+    its place, so a garbled partial that the final decode corrects (the same speech, heard at the
+    same time) is not kept beside its correction."""
+    words = list(hyp.words)
+    if not partial or not words:
+        return hyp
+    opcodes = _alignment(partial, words).get_opcodes()
+    for tag, first, last, at, _ in reversed(opcodes):
+        if tag not in ("delete", "replace") or last - first < LOST_RUN_WORDS or at >= len(words):
+            continue
+        if partial[first].start <= words[at].start - DROPPED_LEAD_SECONDS:
+            words[at:at] = partial[first:last]
+    if len(words) == len(hyp.words):
+        return hyp
+    return _Hypothesis(words, hyp.confidence, filled=hyp.filled)
 
 
 def _open_end(text: str) -> str:
@@ -858,7 +884,7 @@ class StreamSession:
         partial = self._previous or []
         if len(hyp.words) < 0.6 * len(partial) and len(partial) - len(hyp.words) >= 3:
             hyp = _Hypothesis(list(partial), hyp.confidence)
-        return hyp
+        return _with_dropped_voice(partial, hyp)
 
     def _fill_gaps(self, audio: np.ndarray, hyp: _Hypothesis) -> _Hypothesis:
         """Whisper, given two voices in one span, now and then answers with one of them only ("Ten
