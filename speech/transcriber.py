@@ -82,6 +82,11 @@ CUT_PAUSE_SLACK_SECONDS = 0.1
 # A decode's last word, which two decodes agree on, is final only when it ends at least this long
 # before the decoded audio does, at a pause (the word was not cut off by the audio's end).
 LAST_WORD_MARGIN_SECONDS = 0.5
+# A decode made as a pause began whose last word ends a sentence ("... as urgent.") no later than
+# this after the VAD's silence began is final up to there, though no decode before it had that
+# word: the turn is over, and the next voice may follow before the pause is long enough to end
+# the span (0.24 s here; ``silence_seconds`` is 0.3).
+PAUSE_WORD_SLACK_SECONDS = 0.2
 
 # Speech this long that no word of a fresh final decode covers (by word times, give or take
 # GAP_WORD_SLACK_SECONDS) is decoded on its own and its words put in their place (see ``_fill_gaps``).
@@ -120,6 +125,7 @@ HALLUCINATIONS = (
 # Below this RMS (about -40 dBFS) a blocklisted phrase is taken for a hallucination.
 _QUIET_RMS = 0.01
 _CLAUSE_END = re.compile(r"[.!?;:,]$")
+_SENTENCE_END = re.compile(r"[.!?]$")
 
 
 @dataclass(frozen=True)
@@ -618,10 +624,12 @@ class StreamSession:
                 continue
             if seg.avg_logprob is not None:
                 logprobs.append(seg.avg_logprob)
+            # A lone mark (". You are entering" after a prefix without its full stop) is no word,
+            # and would keep two decodes of the same words from agreeing.
             if seg.words:
-                words += seg.words
+                words += [w for w in seg.words if any(c.isalnum() for c in w.word)]
             else:
-                words += [Word(start=seg.start, end=seg.end, word=w) for w in seg.text.split()]
+                words += [Word(start=seg.start, end=seg.end, word=w) for w in seg.text.split() if any(c.isalnum() for c in w)]
         confidence = round(float(np.exp(np.mean(logprobs))), 3) if logprobs else None
         return _Hypothesis(words=words, confidence=confidence)
 
@@ -644,7 +652,7 @@ class StreamSession:
             if kept is not None:
                 final, hyp = kept
                 deltas += final
-        if want_times and self._previous is not None:
+        if (want_times or self._silence_run > 0) and self._previous is not None:
             deltas += self._commit_agreed(hyp, span_s)
         else:
             self._previous = hyp.words
@@ -708,7 +716,9 @@ class StreamSession:
         # The last word of a decode is often cut mid-word; it is committed by agreement only where
         # the speech pauses after it, well before the audio ends (a turn's "... the pound key."
         # with the next voice's first words not yet heard).
-        if agreed and agreed == len(hyp.words) and not self._heard_whole(hyp.words[-1], span_s):
+        if hyp.words and agreed >= len(hyp.words) - 1 and self._ends_turn(hyp.words[-1]):
+            agreed = len(hyp.words)
+        elif agreed and agreed == len(hyp.words) and not self._heard_whole(hyp.words[-1], span_s):
             agreed -= 1
         cut = 0
         for i in range(agreed):
@@ -734,6 +744,17 @@ class StreamSession:
         reach = int(CUT_PAUSE_SECONDS * SAMPLE_RATE)
         return word.end <= span_s - LAST_WORD_MARGIN_SECONDS and self._pause_after(end, reach) != end
 
+    def _ends_turn(self, word: Word) -> bool:
+        """Whether ``word``, the last of a decode made as a pause began, ends a sentence said before
+        that pause (``PAUSE_WORD_SLACK_SECONDS``)."""
+        pause = min(PAUSE_DECODE_SECONDS, self.silence_seconds / 2) * SAMPLE_RATE
+        silence_began = self._span_len - self._silence_run
+        return (
+            self._silence_run >= pause
+            and bool(_SENTENCE_END.search(word.word))
+            and word.end * SAMPLE_RATE <= silence_began + PAUSE_WORD_SLACK_SECONDS * SAMPLE_RATE
+        )
+
     def _cut(self, hyp: _Hypothesis, cut: int) -> list[Delta]:
         """Finalize ``hyp``'s first ``cut`` words and drop the audio up to the last one's end; the
         rest of the hypothesis stays the span's partial."""
@@ -749,6 +770,8 @@ class StreamSession:
             next_start = int((hyp.words[cut].start + CUT_PAUSE_SLACK_SECONDS) * SAMPLE_RATE)
             reach = min(reach, max(0, next_start - cut_samples))
         cut_samples = self._pause_after(cut_samples, reach)
+        if cut == len(hyp.words) and self._silence_run > 0:
+            cut_samples = self._span_len  # the turn ended at the pause heard now: all of it is final
         delta = self._final(committed, self._span_start + cut_samples, hyp.confidence)
         self._drop_head(cut_samples)
         # Whatever follows the cut is the speaker going on (word times are approximate, and padding

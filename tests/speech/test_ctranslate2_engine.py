@@ -349,6 +349,23 @@ def test_words_a_decode_with_context_heard_are_kept_when_alone_the_span_sounds_l
     assert "disposed" in words[words.index("ill") :], finals
 
 
+def test_a_sentence_said_before_a_short_pause_is_final_at_the_pause(engine: CTranslate2Engine) -> None:
+    """Issue 10 (stream final p95): "You are entering conference number" and 0.28 s later another
+    voice's "four queen of clubs": too short a pause to end the span, so the turn waited for two
+    decodes to agree on its words, 1.7 s after its end. The decode made as the pause began ends
+    the sentence ("number.") before the pause: the turn is final there."""
+    audio = _excerpt("ast-dhd-cards", 11.0, 20.0)  # the turn ends at 3.77 s here
+    turn_end = 3.77
+
+    timed = _stream_timed(engine, audio, decode_seconds=0.2)
+
+    arrivals = [at for at, delta in timed if delta.is_final and delta.end >= turn_end - 0.25]
+    finals = [delta.text for _, delta in timed if delta.is_final]
+    assert arrivals, finals
+    assert arrivals[0] - turn_end <= 1.0, (arrivals, finals)
+    assert "number" in normalised_words(" ".join(finals)), finals
+
+
 def test_a_voice_the_final_decode_did_not_hear_under_another_is_kept_from_the_partial(
     engine: CTranslate2Engine,
 ) -> None:
