@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from whisper.normalizers import EnglishTextNormalizer
 
+from bench.accuracy import latencies
 from bench.corpus import asterisk_prompt
 from speech.audio import SAMPLE_RATE, decode_audio
 from speech.batching import BatchingEngine
@@ -406,13 +407,18 @@ def test_a_decode_that_hears_nothing_after_words_agreed_before_does_not_stop_the
     """Regression: in this real phone-band call a decode came back empty after a partial with
     words, and the check of a decode's last word looked for a word that was not there: the stream
     raised ``IndexError`` and ended (found with agreed words final after 2 s of span). It reads on
-    to the end, every turn in its finals."""
+    to the end: a final reaches every turn's end, and the words are about as right as the phone
+    band's at that span length (9.5 % over the set in ``bench.stream_quality``; this call alone
+    9-16 % from one change of the stream to the next, all turns there)."""
     call = next(c for c in conversations(band="phone") if c.name == "ast-dhd-cards")
     reference = " ".join(turn.text for turn in call.turns if turn.text)
 
-    finals = [delta.text for _, delta in _stream_timed(engine, call.samples, chunk_seconds=2.0) if delta.is_final]
+    deltas = [delta for _, delta in _stream_timed(engine, call.samples, chunk_seconds=2.0) if delta.is_final]
 
-    assert word_error_rate(reference, " ".join(finals)) <= 0.15, finals
+    finals = [delta.text for delta in deltas]
+    _, missed = latencies(call.turns, [[d.start, d.end, d.text, 0.0] for d in deltas])
+    assert missed == 0, finals
+    assert word_error_rate(reference, " ".join(finals)) <= 0.2, finals
 
 
 def test_a_stream_too_far_behind_for_partials_keeps_both_voices_of_its_final(engine: CTranslate2Engine) -> None:
