@@ -417,8 +417,11 @@ class StreamSession:
         # A pause has begun and the last decode missed the end of the speech: decode now, so the
         # final at the end of the pause can reuse this decode instead of starting one.
         speech_end = self._span_len - self._silence_run
-        pause = min(PAUSE_DECODE_SECONDS, self.silence_seconds / 2)
-        return self._silence_run >= pause * SAMPLE_RATE and self._last_decode_len < speech_end
+        return self._pause_begun() and self._last_decode_len < speech_end
+
+    def _pause_begun(self) -> bool:
+        """Whether the span ends in a pause long enough to decode at (``PAUSE_DECODE_SECONDS``)."""
+        return self._silence_run >= min(PAUSE_DECODE_SECONDS, self.silence_seconds / 2) * SAMPLE_RATE
 
     def finalize(self) -> list[Delta]:
         """Emit everything heard so far as finals (the client's ``finalize``); the stream goes on."""
@@ -747,10 +750,9 @@ class StreamSession:
     def _ends_turn(self, word: Word) -> bool:
         """Whether ``word``, the last of a decode made as a pause began, ends a sentence said before
         that pause (``PAUSE_WORD_SLACK_SECONDS``)."""
-        pause = min(PAUSE_DECODE_SECONDS, self.silence_seconds / 2) * SAMPLE_RATE
         silence_began = self._span_len - self._silence_run
         return (
-            self._silence_run >= pause
+            self._pause_begun()
             and bool(_SENTENCE_END.search(word.word))
             and word.end * SAMPLE_RATE <= silence_began + PAUSE_WORD_SLACK_SECONDS * SAMPLE_RATE
         )
