@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import ClassVar
@@ -27,6 +27,29 @@ class Word:
     # Whisper reports a probability per word; an OpenAI-shaped relay does not, so ``None`` there
     # rather than an invented number.
     probability: float | None = None
+
+
+def joined_words(
+    pieces: Iterable[tuple[str, float, float, float]], clamp: Callable[[float], float] = float
+) -> list[Word]:
+    """Timed words from a decoder's word pieces: (text with its leading space, start, end,
+    probability). A piece that goes on the word before it is glued to it: punctuation alone
+    (openai-whisper's alignment times "," on its own), or a piece without a leading space that does
+    not begin with a letter or digit (Whisper times "cold" "-hearted" and "2" "-9" apart): a
+    transcript then reads "cold-hearted", not "cold -hearted". Scripts written without spaces keep
+    their pieces apart (each begins with a letter). The glued word keeps the first's probability."""
+    words: list[Word] = []
+    for text, start, end, probability in pieces:
+        stripped = text.strip()
+        if not stripped:
+            continue
+        goes_on = not any(c.isalnum() for c in stripped) or (not text[0].isspace() and not stripped[0].isalnum())
+        if words and goes_on:
+            last = words[-1]
+            words[-1] = Word(last.start, max(last.end, clamp(end)), last.word + stripped, last.probability)
+            continue
+        words.append(Word(clamp(start), clamp(end), stripped, float(probability)))
+    return words
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from speech.engines.base import (
     TranscribeOptions,
     TranscriptionResult,
     WindowPlan,
-    Word,
+    joined_words,
     language_code,
 )
 from speech.engines.short import ShortWindowEngine
@@ -279,7 +279,7 @@ class CTranslate2Engine(Engine):
                 end=float(s.end),
                 text=s.text.strip(),
                 words=(
-                    [Word(float(w.start), float(w.end), w.word.strip(), float(w.probability)) for w in s.words or []]
+                    joined_words((w.word, w.start, w.end, w.probability) for w in s.words or [])
                     if options.word_timestamps
                     else None
                 ),
@@ -560,10 +560,7 @@ def _segments(window: _Decoded, duration: float) -> list[Segment]:
     for piece in window.pieces:
         words = None
         if piece["words"] is not None:
-            words = [
-                Word(clamp(w["start"]), clamp(w["end"]), w["word"].strip(), float(w["probability"]))
-                for w in piece["words"]
-            ]
+            words = joined_words([(w["word"], w["start"], w["end"], w["probability"]) for w in piece["words"]], clamp)
         segments.append(
             Segment(
                 start=clamp(piece["start"]),

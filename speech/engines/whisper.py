@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,7 @@ from whisper.timing import find_alignment
 from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE, get_tokenizer
 
 from speech.audio import SAMPLE_RATE
-from speech.engines.base import Engine, Segment, TranscribeOptions, TranscriptionResult, WindowPlan, Word
+from speech.engines.base import Engine, Segment, TranscribeOptions, TranscriptionResult, WindowPlan, joined_words
 from speech.engines.short import ShortWindowEngine
 from speech.engines.weights import LoadedModel, load_whisper_model
 from speech.engines.windows import COMPRESSION_RATIO_THRESHOLD, DEFAULT_TEMPERATURES, window_plan
@@ -245,15 +246,9 @@ def _result(raw: dict, *, duration_s: float, word_timestamps: bool, language: st
     for seg in raw.get("segments", []):
         words = None
         if word_timestamps:
-            words = [
-                Word(
-                    start=clamp(w["start"]),
-                    end=clamp(w["end"]),
-                    word=w["word"].strip(),
-                    probability=float(w["probability"]),
-                )
-                for w in seg.get("words", [])
-            ]
+            words = joined_words(
+                [(w["word"], w["start"], w["end"], w["probability"]) for w in seg.get("words", [])], clamp
+            )
         segments.append(
             Segment(
                 start=clamp(seg["start"]),
@@ -437,8 +432,9 @@ def _decode_windows(
             timings = find_alignment(short, tokenizer, known + text_tokens, mel[index], samples.size // 160)
             while known and timings:
                 known = known[len(timings.pop(0).tokens) :]
-            words = _merge_words(
-                [(t.word, float(t.start), float(t.end), float(t.probability)) for t in timings], duration
+            words = joined_words(
+                [(t.word, float(t.start), float(t.end), float(t.probability)) for t in timings],
+                partial(min, duration),
             )
         pieces = _timestamped_pieces(output.tokens, tokenizer, duration) if timestamps else [(0.0, duration, text)]
         # A word belongs to the last piece that starts before its middle.
@@ -488,20 +484,3 @@ def _timestamped_pieces(tokens: list[int], tokenizer: Any, duration: float) -> l
         if text:
             pieces.append((0.0, duration, text))
     return pieces
-
-
-def _merge_words(raw: list[tuple[str, float, float, float]], duration: float) -> list[Word]:
-    """Whisper's alignment splits punctuation into its own "words"; glue it to its neighbour."""
-    words: list[Word] = []
-    for text, start, end, prob in raw:
-        stripped = text.strip()
-        if not stripped:
-            continue
-        if words and (not text.startswith(" ") or not any(c.isalnum() for c in stripped)):
-            last = words[-1]
-            words[-1] = Word(
-                start=last.start, end=max(last.end, end), word=last.word + stripped, probability=last.probability
-            )
-            continue
-        words.append(Word(start=min(start, duration), end=min(end, duration), word=stripped, probability=prob))
-    return words

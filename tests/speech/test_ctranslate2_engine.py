@@ -187,6 +187,21 @@ def test_the_stream_decoder_reads_a_short_span_as_one_segment(engine, clips) -> 
     assert all(0.0 <= w.start <= w.end <= result.duration_s for w in segment.words or [])
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_hyphenated_word_is_one_word_as_written(engine, clips, stream: bool) -> None:
+    """Whisper times "cold" and "-hearted" apart; a transcript built from the words (a stream's
+    finals, a diarized segment) must read "cold-hearted", not "cold -hearted"."""
+    samples, _ = clips[1]  # "unless to be rather cold hearted and rather selfish is to be ill disposed"
+    decoder = engine.stream_decoder() if stream else engine
+
+    result = decoder.transcribe(samples, options=TranscribeOptions(language="en", word_timestamps=True, beam_size=5))
+
+    words = [w.word for seg in result.segments for w in seg.words or []]
+    assert "cold-hearted" in words, words
+    assert not any(w.startswith("-") for w in words), words
+    assert " ".join(words) == result.text, (words, result.text)
+
+
 def test_a_prompt_conditions_the_decoder(engine, clips) -> None:
     samples, _ = clips[0]
 
@@ -348,13 +363,14 @@ def test_words_a_decode_with_context_heard_are_kept_when_alone_the_span_sounds_l
     With the reader's words as context the decode heard "-disposed." and skipped the other voice, so
     it was done again alone, which heard "All disposed." so unsure that it counted as no speech: the
     final of that span was empty and both words were lost. The decode with context now stands when
-    the one alone hears fewer words."""
+    the one alone hears fewer words. Since Whisper's "ill" and "-disposed" are one word
+    ("ill-disposed"), no cut falls between them here any more; the words must still all arrive."""
     audio = np.concatenate([np.zeros(int(0.37 * SAMPLE_RATE), np.float32), _excerpt("ast-lib-long", 0.0, 19.5)])
 
     timed = _stream_timed(engine, audio, decode_seconds=0.5)
 
     finals = [delta.text for _, delta in timed if delta.is_final]
-    words = normalised_words(" ".join(finals))
+    words = normalised_words(" ".join(finals).replace("-", " "))  # "ill-disposed", or "ill" | "-disposed"
     assert "disposed" in words[words.index("ill") :], finals
 
 
