@@ -158,6 +158,37 @@ def _key(word: str) -> str:
     return _NUMBER_WORDS.get(key, key)
 
 
+def _agreed_words(previous: list[Word], words: list[Word]) -> int:
+    """How many of ``words`` begin as ``previous`` does (LocalAgreement's confirmed prefix). A
+    number compares whole, however it was written: from one decode to the next Whisper writes a
+    digit string "29340." or "Two nine three four zero.", and the two agree; its first digits alone
+    do not."""
+    agreed = 0
+    for (key, _), (other, size) in zip(_units(previous), _units(words), strict=False):
+        if key != other:
+            break
+        agreed += size
+    return agreed
+
+
+def _units(words: list[Word]) -> list[tuple[str, int]]:
+    """``words`` as compared keys with how many words each is: digits said one after another in
+    one sentence ("2, 9, 3", "two nine three") are one key ("293")."""
+    units: list[tuple[str, int]] = []
+    for index, word in enumerate(words):
+        key = _key(word.word)
+        if (
+            units
+            and key.isdigit()
+            and units[-1][0].isdigit()
+            and not _SENTENCE_END.search(words[index - 1].word)
+        ):
+            units[-1] = (units[-1][0] + key, units[-1][1] + 1)
+        else:
+            units.append((key, 1))
+    return units
+
+
 def _trailing_repeat(words: list[Word]) -> int:
     """The length of a last run of 1-3 words that repeats the run just before it (0: none)."""
     keys = [_key(word.word) for word in words]
@@ -710,12 +741,7 @@ class StreamSession:
     def _commit_agreed(self, hyp: _Hypothesis, span_s: float) -> list[Delta]:
         """LocalAgreement-2: finalize the confirmed prefix up to its last clause boundary, or all
         of it once the span is past ``chunk_seconds``, and cut the audio after it."""
-        previous = self._previous or []
-        agreed = 0
-        while agreed < min(len(previous), len(hyp.words)) and _key(previous[agreed].word) == _key(
-            hyp.words[agreed].word
-        ):
-            agreed += 1
+        agreed = _agreed_words(self._previous or [], hyp.words)
         # The last word of a decode is often cut mid-word; it is committed by agreement only where
         # the speech pauses after it, well before the audio ends (a turn's "... the pound key."
         # with the next voice's first words not yet heard).

@@ -395,11 +395,13 @@ def test_a_voice_the_final_decode_did_not_hear_under_another_is_kept_from_the_pa
 ) -> None:
     """Regression (issue 10, no final loses text; the three-session test lost this turn in about
     half its runs): "You are now muted." with "seven of clubs" said over its end, on a lane shared
-    with other sessions (about half the feeds make finals only). The partial held "You are now
-    muted."; the final decode at the pause heard only "7 of clothes", and the turn was lost. The
-    partial's words that the final left out, said well before the final's words began, are kept."""
+    with other sessions (about half the feeds make finals only; which ones is seeded). The partial
+    held "You are now muted."; the final decode at the pause heard only "7 of clothes", and the
+    turn was lost. The partial's words that the final left out, said well before the final's words
+    began, are kept. (Seed 6: since hyphenated words are one word, seed 1 no longer reaches this
+    case; there no partial hears the turn at all, see the note of that change.)"""
     audio = np.concatenate([np.zeros(int(0.5 * SAMPLE_RATE), np.float32), _excerpt("ast-dhd-cards", 0.0, 14.0)])
-    busy = random.Random(1)
+    busy = random.Random(6)
 
     timed = _stream_timed(engine, audio, behind=lambda: busy.random() < 0.5, decode_seconds=0.2)
 
@@ -423,6 +425,23 @@ def test_a_turn_the_next_voice_follows_without_a_pause_is_final_soon(engine: CTr
     assert wait is not None, finals
     assert wait <= 2.5, (wait, finals)
     assert "key" in normalised_words(" ".join(finals)), finals
+
+
+def test_a_digit_string_written_two_ways_by_two_decodes_is_agreed_on(engine: CTranslate2Engine) -> None:
+    """Issue 10 (stream final p95): "two nine three four zero", then a reader 0.29 s later. One
+    decode wrote "29340.", the next "2 9 3 4 0 had he married", the next "29340. Had he married":
+    compared word by word they never agreed, and the number was final 4.5 s after it was said.
+    A number compares whole, however it is written."""
+    audio = np.concatenate([np.zeros(int(0.71 * SAMPLE_RATE), np.float32), _excerpt("lib-cards-dhd", 0.0, 12.0)])
+    turn_end = 0.71 + 3.60
+
+    timed = _stream_timed(engine, audio, decode_seconds=0.3)
+
+    wait, finals = _final_wait(timed, turn_end)
+    assert wait is not None, finals
+    assert wait <= 2.5, (wait, finals)
+    said = normalised_words(" ".join(finals).replace("-", " "))
+    assert said[said.index("clubs") + 1 : said.index("had")] in (["29340"], list("29340"), "two nine three four zero".split())
 
 
 def test_a_decode_that_hears_nothing_after_words_agreed_before_does_not_stop_the_stream(engine: CTranslate2Engine) -> None:
