@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -165,3 +166,18 @@ def librivox_clips(numbers: tuple[str, ...] = ("0870", "0890", "0920", "0930")) 
         name = f"sense_and_sensibility_01_austen_64kb-{number}"
         clips.append((decode_audio((folder / f"{name}.wav").read_bytes()).samples, transcripts[name]))
     return clips
+
+
+def assert_hyphenated_word_is_one_word(decoder: Any) -> None:
+    """``decoder`` (an engine or its stream decoder) hears the LibriVox clip "unless to be rather
+    cold hearted and rather selfish is to be ill disposed" with "cold-hearted" as one word, no word
+    beginning with a hyphen, and its words joined with spaces as its text."""
+    from speech.engines.base import TranscribeOptions
+
+    ((samples, _),) = librivox_clips(("0890",))
+    result = decoder.transcribe(samples, options=TranscribeOptions(language="en", word_timestamps=True, beam_size=5))
+
+    words = [w.word for seg in result.segments for w in seg.words or []]
+    assert "cold-hearted" in words, words
+    assert not any(w.startswith("-") for w in words), words
+    assert " ".join(words) == result.text, (words, result.text)

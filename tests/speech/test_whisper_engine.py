@@ -24,7 +24,7 @@ from speech.engines.weights import (
 )
 from speech.engines.whisper import WhisperEngine
 from tests.conversations import conversations
-from tests.voices import librivox_clips, synth_speech, word_error_rate
+from tests.voices import assert_hyphenated_word_is_one_word, synth_speech, word_error_rate
 
 pytestmark = pytest.mark.slow
 
@@ -119,15 +119,7 @@ def test_word_timestamps_follow_the_speech(engine: WhisperEngine) -> None:
 def test_a_hyphenated_word_is_one_word_as_written(engine: WhisperEngine, stream: bool) -> None:
     """openai-whisper times "cold" and "-hearted" apart; words joined into a transcript (a stream's
     finals, a diarized segment) must read "cold-hearted", not "cold -hearted"."""
-    (samples, _), = librivox_clips(("0890",))  # "unless to be rather cold hearted and rather selfish ..."
-    decoder = engine.stream_decoder() if stream else engine
-
-    result = decoder.transcribe(samples, options=TranscribeOptions(language="en", word_timestamps=True, beam_size=5))
-
-    words = [w.word for seg in result.segments for w in seg.words or []]
-    assert "cold-hearted" in words, words
-    assert not any(w.startswith("-") for w in words), words
-    assert " ".join(words) == result.text, (words, result.text)
+    assert_hyphenated_word_is_one_word(engine.stream_decoder() if stream else engine)
 
 
 @pytest.mark.parametrize(
